@@ -1,0 +1,114 @@
+"""Shared defaults for every experiment: the one place a default is written.
+
+Experiment files import `get_config()` from here and change only what differs.
+Training fields are flat (Flax-examples style); model fields live under
+`config.model`, data fields under `config.data`, quantization fields under
+`config.quant`, device-mesh fields under `config.mesh`.
+"""
+import ml_collections
+
+
+def model_defaults() -> ml_collections.ConfigDict:
+  m = ml_collections.ConfigDict()
+  m.model_type = 'bert'            # 'bert' | 'opt'
+  m.head = 'auto'                  # 'auto' (mlm for bert, clm for opt) | 'mlm' | 'clm' | 'cls' | 'none'
+  m.vocab_size = 30522
+  m.hidden_size = 768
+  m.num_layers = 12
+  m.num_heads = 12
+  m.intermediate_size = 3072
+  m.max_position_embeddings = 512
+  m.type_vocab_size = 2            # BERT only
+  m.layer_norm_eps = 1e-12
+  m.hidden_dropout = 0.1
+  m.attention_dropout = 0.1
+  m.activation = 'gelu'            # 'gelu' (exact erf) | 'gelu_new' (tanh) | 'relu'
+  m.init_std = 0.02
+  m.pad_token_id = 0
+  m.num_labels = 2                 # sequence classification; 1 = regression
+  # OPT only
+  m.do_layer_norm_before = True
+  m.word_embed_proj_dim = -1       # -1: same as hidden_size
+  m.remove_final_layer_norm = False
+  m.enable_bias = True
+  # Attention variants (outlier-free-transformers).
+  m.softmax = 'vanilla'            # 'vanilla' | 'clipped(GAMMA:ZETA)'
+  m.alpha = -1.0                   # > 0: gamma = -alpha / softmax_T (overrides the gamma of `softmax`)
+  m.softmax_T = 128                # fixed constant T of the alpha form (BERT: max_seq_length, OPT: block_size)
+  m.gate = 'none'                  # none | unconditional_per_head | conditional_per_head | conditional_per_token
+  m.gate_mlp = False
+  m.gate_linear_all_features = False
+  m.gate_init = 0.5
+  m.fine_tuning = False
+  # Numerics.
+  m.dtype = 'float32'              # compute dtype: 'float32' | 'bfloat16'
+  return m
+
+
+def data_defaults() -> ml_collections.ConfigDict:
+  d = ml_collections.ConfigDict()
+  d.source = 'embedded'            # 'embedded' | 'bookcorpus_and_wiki' | 'wikitext-103' | 'wikitext-2' | 'hub' | 'files' | 'glue'
+  d.hub_name = ''                  # source='hub': dataset name on the hub (or a local datasets dir)
+  d.hub_config = ''
+  d.text_column = 'text'
+  d.files = ''                     # source='files': comma-separated files / folders of .txt
+  d.glue_task = ''                 # source='glue': cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli
+  d.tokenizer = ''                 # hub name or local dir; '' = train one on the corpus (cached in workdir)
+  d.tokenizer_vocab_size = 2048    # when training a tokenizer
+  d.max_seq_length = 128           # BERT sequence length
+  d.block_size = 512               # OPT block size
+  d.mlm_probability = 0.15
+  d.validation_split_percentage = 5
+  d.cache_dir = ''
+  d.num_workers = 1
+  return d
+
+
+def quant_defaults() -> ml_collections.ConfigDict:
+  q = ml_collections.ConfigDict()
+  q.n_bits = 8                     # weights
+  q.n_bits_act = 8                 # activations
+  q.qmethod = 'symmetric_uniform'          # weights
+  q.qmethod_acts = 'asymmetric_uniform'    # activations
+  q.ranges_weights = 'current_minmax'       # weights' range estimator ('mse' for OPT)
+  q.ranges_acts = 'running_minmax'
+  q.percentile = -1.0              # > 0: percentile estimator value (e.g. 99.999)
+  q.momentum = 0.9
+  q.est_num_batches = 16
+  q.per_channel = False            # weights per output channel
+  q.quant_setup = 'all'
+  q.quant_dict = ''                # e.g. "{'y': 16, 'h': 'ngp6'}"
+  q.dynamic = False                # never freeze activation ranges
+  q.int8 = False                   # run Linear layers as int8 matmuls (AQT)
+  return q
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.model = model_defaults()
+  c.data = data_defaults()
+  c.quant = quant_defaults()
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: all remaining devices
+
+  c.seed = 1000
+  c.num_train_steps = 1_000_000
+  c.per_device_batch_size = 32
+  c.eval_batch_size = 32
+  c.num_eval_batches = 50
+  c.gradient_accumulation_steps = 1
+  c.learning_rate = 1e-4
+  c.warmup_steps = 10_000
+  c.lr_schedule = 'linear'         # 'linear' | 'cosine' | 'constant'
+  c.adam_b1 = 0.9
+  c.adam_b2 = 0.999
+  c.adam_eps = 1e-8
+  c.weight_decay = 0.01
+  c.decay_layer_norm = False       # OPT recipe: weight decay also on LayerNorm gamma
+  c.max_grad_norm = 1.0
+  c.compute_dtype = 'float32'      # training compute dtype ('bfloat16' on accelerators)
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 3
+  c.eval_every_steps = 1000
+  c.log_every_steps = 50
+  c.export_hf = True               # write the final model as an HF checkpoint dir
+  return c

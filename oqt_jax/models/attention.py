@@ -1,0 +1,136 @@
+"""Multi-head self-attention shared by BERT and OPT: clipped softmax and gated attention.
+
+clipped_softmax(x) = clip((zeta - gamma) * softmax(x) + gamma, 0, 1)   (vanilla: gamma=0, zeta=1)
+
+Gates multiply the per-head context softmax(QK^T/sqrt(d)) V, shape (B, H, T, d_head), by
+pi in (0, 1) before the heads are merged and the output projection applied:
+  unconditional_per_head  pi_h = sigmoid(a_h), a = 0 at init
+  conditional_per_token   pi = sigmoid(Linear_h(x_h)), x split into heads like Q/K/V -> (B,H,T,1)
+  conditional_per_head    logits of conditional_per_token averaged over T -> (B,H,1,1)
+  gate_mlp                per-head Linear(d, d//4) -> ReLU -> Linear(d//4, 1)
+  gate_linear_all_features  one Linear(d_model -> H) over all features, per token
+Conditional gates' last bias starts at logit(gate_init); in fine-tuning mode the gate is
+scaled by 1/gate_init and its weights start near zero, so a pretrained model's function is
+preserved at the start (the original scales only the conditional gates; so does this).
+Gate parameters are never quantized.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from oqt_jax.models.config import ModelConfig
+from oqt_jax.models.layers import Dense, dtype_of, normal_init, qact
+
+
+def clipped_softmax(x, gamma: float = 0.0, zeta: float = 1.0, axis: int = -1):
+  """Stretched-and-clipped softmax; gradient is zero where the output is clipped."""
+  p = jax.nn.softmax(x, axis=axis)
+  if gamma == 0.0 and zeta == 1.0:
+    return p
+  return jnp.clip((zeta - gamma) * p + gamma, 0.0, 1.0)
+
+
+def split_heads(x, num_heads):
+  """(B, T, H*d) -> (B, H, T, d)."""
+  b, t, _ = x.shape
+  return x.reshape(b, t, num_heads, -1).transpose(0, 2, 1, 3)
+
+
+def merge_heads(x):
+  """(B, H, T, d) -> (B, T, H*d)."""
+  b, h, t, d = x.shape
+  return x.transpose(0, 2, 1, 3).reshape(b, t, h * d)
+
+
+class AttentionGate(nn.Module):
+  """Computes the gate pi for the configured gate type; returns (B|1, H, T|1, 1)."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.cfg
+    h, d = cfg.num_heads, cfg.head_dim
+    # Weights near zero in fine-tuning mode (BERT 0.01, OPT 0.001); else the model's init.
+    w_std = (0.01 if cfg.model_type == 'bert' else 0.001) if cfg.fine_tuning else cfg.init_std
+    bias0 = nn.initializers.constant(cfg.gate_bias_init)
+    part = lambda init, axes: nn.with_logical_partitioning(init, axes)
+    if cfg.gate == 'unconditional_per_head':
+      a = self.param('alpha', part(nn.initializers.zeros, ('gate',)), (h,), jnp.float32)
+      return jax.nn.sigmoid(a)[None, :, None, None]
+
+    xf = x.astype(jnp.float32)
+    if cfg.gate_linear_all_features:
+      w = self.param('kernel', part(normal_init(w_std), ('embed', 'gate')),
+                     (x.shape[-1], h), jnp.float32)
+      b = self.param('bias', part(bias0, ('gate',)), (h,), jnp.float32)
+      logits = (jnp.einsum('btd,dh->bht', xf, w) + b[None, :, None])[..., None]
+    else:
+      xh = xf.reshape(xf.shape[0], xf.shape[1], h, d)   # (B, T, H, d)
+      if cfg.gate_mlp:
+        d4 = d // 4
+        w1 = self.param('kernel1', part(normal_init(w_std), ('gate', None, None)), (h, d, d4),
+                        jnp.float32)
+        b1 = self.param('bias1', part(nn.initializers.zeros, ('gate', None)), (h, d4),
+                        jnp.float32)
+        w2 = self.param('kernel2', part(normal_init(w_std), ('gate', None)), (h, d4),
+                        jnp.float32)
+        b2 = self.param('bias2', part(bias0, ('gate',)), (h,), jnp.float32)
+        hid = jax.nn.relu(jnp.einsum('bthd,hde->bhte', xh, w1) + b1[None, :, None, :])
+        logits = jnp.einsum('bhte,he->bht', hid, w2) + b2[None, :, None]
+      else:
+        w = self.param('kernel', part(normal_init(w_std), ('gate', None)), (h, d), jnp.float32)
+        b = self.param('bias', part(bias0, ('gate',)), (h,), jnp.float32)
+        logits = jnp.einsum('bthd,hd->bht', xh, w) + b[None, :, None]
+      logits = logits[..., None]                          # (B, H, T, 1)
+    if cfg.gate == 'conditional_per_head':
+      logits = jnp.mean(logits, axis=2, keepdims=True)    # (B, H, 1, 1)
+    pi = jax.nn.sigmoid(logits)
+    if cfg.fine_tuning:
+      pi = pi / cfg.gate_init
+    return pi
+
+
+class MultiHeadAttention(nn.Module):
+  """Self-attention: Q/K/V projections, (clipped) softmax, optional gate, output projection.
+
+  Args of __call__:
+    x: (B, T, D) attention input.
+    gate_input: (B, T, D) what the gate looks at (BERT: layer input; OPT: the pre-LN output).
+    attn_mask: (B, 1, Tq, Tk) bool, True where attention is allowed.
+    tok_mask: (B, T) bool token-validity mask for quantization statistics (or None).
+  Quantization points: q/k/v outputs, scores 's', probabilities 'p', context 'c', output 'g'.
+  """
+  cfg: ModelConfig
+  layer: int
+  quant: Any = None
+
+  @nn.compact
+  def __call__(self, x, gate_input, attn_mask, tok_mask=None, deterministic=True):
+    cfg, i, q = self.cfg, self.layer, self.quant
+    dtype = dtype_of(cfg.dtype)
+    dense = lambda name, point, axes: Dense(
+        cfg.hidden_size, point=f'{point}{i}', use_bias=cfg.enable_bias, kernel_axes=axes,
+        init_std=cfg.init_std, dtype=dtype, quant=q, name=name)
+    query = split_heads(dense('query', 'q', ('embed', 'heads'))(x, tok_mask), cfg.num_heads)
+    key = split_heads(dense('key', 'k', ('embed', 'heads'))(x, tok_mask), cfg.num_heads)
+    value = split_heads(dense('value', 'v', ('embed', 'heads'))(x, tok_mask), cfg.num_heads)
+
+    scale = cfg.head_dim ** -0.5
+    scores = jnp.einsum('bhqd,bhkd->bhqk', query, key).astype(jnp.float32) * scale
+    scores = qact(q, self, f's{i}', scores, tok_mask)
+    scores = jnp.where(attn_mask, scores, jnp.finfo(jnp.float32).min)
+    gamma, zeta = cfg.clip_gamma_zeta
+    probs = clipped_softmax(scores, gamma, zeta)
+    probs = qact(q, self, f'p{i}', probs, tok_mask)
+    probs = nn.Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
+    context = jnp.einsum('bhqk,bhkd->bhqd', probs.astype(dtype), value)
+    if cfg.gate != 'none':
+      pi = AttentionGate(cfg, name='gate')(gate_input)
+      self.sow('intermediates', 'gate_probs', pi)
+      context = context * pi.astype(context.dtype)
+    context = qact(q, self, f'c{i}', merge_heads(context), tok_mask)
+    return dense('out', 'g', ('heads', 'embed'))(context, tok_mask)

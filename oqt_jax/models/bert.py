@@ -1,0 +1,125 @@
+"""BERT (post-LN encoder) with MLM and sequence-classification heads, in Flax Linen.
+
+Parameter tree (HF names in brackets, see hf.py):
+  word_embeddings, embeddings/{position_embeddings, token_type_embeddings}, embeddings/LayerNorm
+  encoder_layer_{i}/attention/{query,key,value,out}      [attention.self.*, attention.output.dense]
+  encoder_layer_{i}/attention_ln                          [attention.output.LayerNorm]
+  encoder_layer_{i}/intermediate, output, output_ln       [intermediate.dense, output.dense, output.LayerNorm]
+  pooler (cls head), classifier                           [bert.pooler.dense, classifier]
+  mlm_transform, mlm_ln, mlm_bias                         [cls.predictions.transform.*, cls.predictions.bias]
+Outlier statistics are sown into 'intermediates' per layer: ffn_output (before the residual),
+ffn_residual (LayerNorm input), ffn_ln_output.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from oqt_jax.models.attention import MultiHeadAttention
+from oqt_jax.models.config import ModelConfig
+from oqt_jax.models.layers import Dense, Embed, LayerNorm, dtype_of, qact
+from oqt_jax.models.outputs import ModelOutput
+
+
+class BertEmbeddings(nn.Module):
+  cfg: ModelConfig
+  quant: Any = None
+
+  @nn.compact
+  def __call__(self, word_embeds, token_type_ids, position_ids, tok_mask, deterministic):
+    cfg, q = self.cfg, self.quant
+    dtype = dtype_of(cfg.dtype)
+    emb = lambda n, size, wp: Embed(size, cfg.hidden_size, wpoint=wp, init_std=cfg.init_std,
+                                    dtype=dtype, quant=q, name=n)
+    x = (word_embeds
+         + emb('position_embeddings', cfg.max_position_embeddings, 'Ep')(position_ids)
+         + emb('token_type_embeddings', cfg.type_vocab_size, 'Ets')(token_type_ids))
+    x = qact(q, self, 'e', x, tok_mask)
+    x = LayerNorm(point='eln', eps=cfg.layer_norm_eps, dtype=dtype, quant=q, name='LayerNorm')(
+        x, tok_mask)
+    return nn.Dropout(cfg.hidden_dropout)(x, deterministic=deterministic)
+
+
+class BertLayer(nn.Module):
+  cfg: ModelConfig
+  layer: int
+  quant: Any = None
+
+  @nn.compact
+  def __call__(self, x, attn_mask, tok_mask, deterministic):
+    cfg, i, q = self.cfg, self.layer, self.quant
+    dtype = dtype_of(cfg.dtype)
+    drop = lambda t: nn.Dropout(cfg.hidden_dropout)(t, deterministic=deterministic)
+    ln = lambda point, name: LayerNorm(point=f'{point}{i}', eps=cfg.layer_norm_eps, dtype=dtype,
+                                       quant=q, name=name)
+    attn = MultiHeadAttention(cfg, layer=i, quant=q, name='attention')(
+        x, x, attn_mask, tok_mask, deterministic)
+    u = qact(q, self, f'u{i}', x + drop(attn), tok_mask)
+    x = ln('x', 'attention_ln')(u, tok_mask)
+    f = Dense(cfg.intermediate_size, point=f'f{i}', activation=cfg.activation,
+              kernel_axes=('embed', 'mlp'), init_std=cfg.init_std, dtype=dtype, quant=q,
+              name='intermediate')(x, tok_mask)
+    h = Dense(cfg.hidden_size, point=f'h{i}', kernel_axes=('mlp', 'embed'),
+              init_std=cfg.init_std, dtype=dtype, quant=q, name='output')(f, tok_mask)
+    self.sow('intermediates', 'ffn_output', h)
+    y = qact(q, self, f'y{i}', x + drop(h), tok_mask)
+    self.sow('intermediates', 'ffn_residual', y)
+    z = ln('z', 'output_ln')(y, tok_mask)
+    self.sow('intermediates', 'ffn_ln_output', z)
+    return z
+
+
+class Bert(nn.Module):
+  """BERT encoder with the head of cfg.resolved_head: 'mlm' | 'cls' | 'none'."""
+  cfg: ModelConfig
+  quant: Any = None
+
+  @nn.compact
+  def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+               deterministic: bool = True) -> ModelOutput:
+    cfg, q = self.cfg, self.quant
+    dtype = dtype_of(cfg.dtype)
+    b, t = input_ids.shape
+    if attention_mask is None:
+      attention_mask = jnp.ones((b, t), jnp.int32)
+    if token_type_ids is None:
+      token_type_ids = jnp.zeros((b, t), jnp.int32)
+    if position_ids is None:
+      position_ids = jnp.broadcast_to(jnp.arange(t), (b, t))
+    tok_mask = attention_mask.astype(bool)
+    attn_mask = tok_mask[:, None, None, :]
+
+    word = Embed(cfg.vocab_size, cfg.hidden_size, wpoint='Et', init_std=cfg.init_std, dtype=dtype,
+                 quant=q, name='word_embeddings')
+    x = BertEmbeddings(cfg, quant=q, name='embeddings')(
+        word(input_ids), token_type_ids, position_ids, tok_mask, deterministic)
+    hidden = [x]
+    for i in range(cfg.num_layers):
+      x = BertLayer(cfg, layer=i, quant=q, name=f'encoder_layer_{i}')(
+          x, attn_mask, tok_mask, deterministic)
+      hidden.append(x)
+
+    head = cfg.resolved_head
+    logits, pooled = None, None
+    if head == 'cls':
+      pooled = Dense(cfg.hidden_size, point='P', activation='tanh', kernel_axes=('embed', 'mlp'),
+                     init_std=cfg.init_std, dtype=dtype, quant=q, name='pooler')(x[:, 0])
+      pooled_d = nn.Dropout(cfg.hidden_dropout)(pooled, deterministic=deterministic)
+      logits = Dense(cfg.num_labels, point='C', wpoint='wC', kernel_axes=('embed', 'classes'),
+                     init_std=cfg.init_std, dtype=dtype, quant=q, name='classifier')(pooled_d)
+    elif head == 'mlm':
+      hm = Dense(cfg.hidden_size, point='Mt', activation=cfg.activation,
+                 kernel_axes=('embed', 'mlp'), init_std=cfg.init_std, dtype=dtype, quant=q,
+                 name='mlm_transform')(x, tok_mask)
+      hm = LayerNorm(point='Mln', eps=cfg.layer_norm_eps, dtype=dtype, quant=q, name='mlm_ln')(
+          hm, tok_mask)
+      bias = self.param('mlm_bias', nn.with_logical_partitioning(nn.initializers.zeros,
+                                                                 ('vocab',)),
+                        (cfg.vocab_size,), jnp.float32)
+      logits = word.attend(hm) + bias.astype(dtype)   # decoder tied to the word embeddings
+      logits = qact(q, self, 'M', logits, tok_mask)
+    return ModelOutput(logits=logits, hidden_states=tuple(hidden), last_hidden_state=x,
+                       pooler_output=pooled)
+

@@ -1,0 +1,143 @@
+"""Building blocks shared by BERT and OPT: Dense, Embed, LayerNorm with quantization hooks.
+
+Quantization hooks
+------------------
+Every module takes `quant`: None (floating point) or an object with three methods
+
+  quant.weight(module, name, w)          -> w, possibly fake-quantized
+  quant.act(module, name, x, mask)       -> x, possibly fake-quantized
+  quant.dot_general(module, name)        -> a lax.dot_general replacement (int8 matmuls) or None
+
+`module` is the calling Flax module (the hook may create variables in its scope, e.g. in
+the `quant` collection), `name` is the quantization point's name (original point names:
+e, Et, s, p, c, g, u, x, h, y, z, P, C, wC, ... with a layer-index suffix inside layers) and
+`mask` is the (B, T) token-validity mask so padding never enters range statistics. With
+quant=None the hooks cost nothing.
+
+Parameters carry logical axis names (`nn.with_logical_partitioning`); `train/sharding.py`
+maps them to mesh axes.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+LOGICAL_AXES = ('vocab', 'embed', 'mlp', 'heads', 'kv', 'norm', 'classes', 'gate')
+
+
+def dtype_of(name: str):
+  return {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}[name]
+
+
+def normal_init(std: float):
+  return nn.initializers.normal(stddev=std)
+
+
+def qweight(quant, module, name, w):
+  return w if quant is None else quant.weight(module, name, w)
+
+
+def qact(quant, module, name, x, mask):
+  return x if quant is None else quant.act(module, name, x, mask)
+
+
+ACTIVATIONS: dict[str, Callable] = {
+    'gelu': lambda x: nn.gelu(x, approximate=False),
+    'gelu_new': lambda x: nn.gelu(x, approximate=True),
+    'relu': nn.relu,
+    'tanh': jnp.tanh,
+}
+
+
+class Dense(nn.Module):
+  """y = act(x @ W + b); W of shape (in, out) (the transpose of torch's Linear weight).
+
+  `point` names the output quantization point (quantized after `activation`);
+  `wpoint` names the weight's point (defaults to 'w' + point).
+  """
+  features: int
+  point: str
+  wpoint: Optional[str] = None
+  use_bias: bool = True
+  activation: Optional[str] = None
+  kernel_axes: tuple = ('embed', 'mlp')
+  init_std: float = 0.02
+  dtype: Dtype = jnp.float32
+  quant: Any = None
+  quantize_output: bool = True
+
+  @nn.compact
+  def __call__(self, x, mask=None):
+    kernel = self.param('kernel', nn.with_logical_partitioning(normal_init(self.init_std),
+                                                               self.kernel_axes),
+                        (x.shape[-1], self.features), jnp.float32)
+    kernel = qweight(self.quant, self, self.wpoint or 'w' + self.point, kernel)
+    dot_general = None if self.quant is None else self.quant.dot_general(self, self.point)
+    x = x.astype(self.dtype)
+    kernel = kernel.astype(self.dtype)
+    if dot_general is None:
+      y = jnp.einsum('...i,io->...o', x, kernel)
+    else:
+      y = dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+    if self.use_bias:
+      bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros,
+                                                             self.kernel_axes[-1:]),
+                        (self.features,), jnp.float32)
+      y = y + bias.astype(self.dtype)
+    if self.activation is not None:
+      y = ACTIVATIONS[self.activation](y)
+    if self.quantize_output:
+      y = qact(self.quant, self, self.point, y, mask)
+    return y
+
+
+class Embed(nn.Module):
+  """Embedding table (num, features); `attend` gives the tied output projection."""
+  num_embeddings: int
+  features: int
+  wpoint: str
+  init_std: float = 0.02
+  dtype: Dtype = jnp.float32
+  quant: Any = None
+
+  def setup(self):
+    self.embedding = self.param(
+        'embedding', nn.with_logical_partitioning(normal_init(self.init_std), ('vocab', 'embed')),
+        (self.num_embeddings, self.features), jnp.float32)
+
+  def table(self):
+    return qweight(self.quant, self, self.wpoint, self.embedding)
+
+  def __call__(self, ids):
+    return jnp.take(self.table(), ids, axis=0).astype(self.dtype)
+
+  def attend(self, x):
+    return jnp.einsum('...d,vd->...v', x.astype(self.dtype), self.table().astype(self.dtype))
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm computed in float32; gamma ('scale') and the output are quantization points."""
+  point: str
+  eps: float = 1e-12
+  dtype: Dtype = jnp.float32
+  quant: Any = None
+
+  @nn.compact
+  def __call__(self, x, mask=None):
+    d = x.shape[-1]
+    scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, ('norm',)),
+                       (d,), jnp.float32)
+    bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, ('norm',)),
+                      (d,), jnp.float32)
+    scale = qweight(self.quant, self, 'w' + self.point, scale)
+    xf = x.astype(jnp.float32)
+    mu = jnp.mean(xf, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mu), axis=-1, keepdims=True)
+    y = (xf - mu) * jax.lax.rsqrt(var + self.eps) * scale + bias
+    y = qact(self.quant, self, self.point, y.astype(self.dtype), mask)
+    return y

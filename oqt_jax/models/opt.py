@@ -1,0 +1,129 @@
+"""OPT decoder (pre-LN or post-LN) with a causal-LM head tied to the embeddings, in Flax Linen.
+
+Parameter tree (HF names in brackets, see hf.py):
+  embed_tokens [decoder.embed_tokens], embed_positions [decoder.embed_positions] (offset 2)
+  project_in / project_out   when word_embed_proj_dim != hidden_size (no bias)
+  decoder_layer_{i}/attention/{query,key,value,out}   [self_attn.{q,k,v,out}_proj]
+  decoder_layer_{i}/attention_ln [self_attn_layer_norm], ffn_ln [final_layer_norm], fc1, fc2
+  final_ln [decoder.final_layer_norm] (pre-LN models unless remove_final_layer_norm)
+Outlier statistics sown into 'intermediates' per layer: attn_output (out_proj), attn_ln_output,
+ffn_output (fc2), ffn_ln_output, layer_output; and final_ln_output on the decoder.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from oqt_jax.models.attention import MultiHeadAttention
+from oqt_jax.models.config import ModelConfig
+from oqt_jax.models.layers import Dense, Embed, LayerNorm, dtype_of, qact
+from oqt_jax.models.outputs import ModelOutput
+
+POSITION_OFFSET = 2  # OPT's learned positions are shifted by 2 (a fairseq legacy)
+
+
+def opt_position_ids(attention_mask):
+  """Positions counted over non-padding tokens only (left padding shifts them), as HF OPT."""
+  m = attention_mask.astype(jnp.int32)
+  return jnp.cumsum(m, axis=1) * m - 1
+
+
+class OptLayer(nn.Module):
+  cfg: ModelConfig
+  layer: int
+  quant: Any = None
+
+  @nn.compact
+  def __call__(self, x, attn_mask, tok_mask, deterministic):
+    cfg, i, q = self.cfg, self.layer, self.quant
+    dtype = dtype_of(cfg.dtype)
+    pre = cfg.do_layer_norm_before
+    drop = lambda t: nn.Dropout(cfg.hidden_dropout)(t, deterministic=deterministic)
+    ln = lambda point, name: LayerNorm(point=f'{point}{i}', eps=cfg.layer_norm_eps, dtype=dtype,
+                                       quant=q, name=name)
+    sow = lambda n, v: self.sow('intermediates', n, v)
+
+    residual = x
+    if pre:
+      x = ln('a', 'attention_ln')(x, tok_mask)
+      sow('attn_ln_output', x)
+    a = MultiHeadAttention(cfg, layer=i, quant=q, name='attention')(
+        x, x, attn_mask, tok_mask, deterministic)
+    sow('attn_output', a)
+    x = qact(q, self, f'u{i}', residual + drop(a), tok_mask)
+    if not pre:
+      x = ln('a', 'attention_ln')(x, tok_mask)
+      sow('attn_ln_output', x)
+
+    residual = x
+    if pre:
+      x = ln('x', 'ffn_ln')(x, tok_mask)
+      sow('ffn_ln_output', x)
+    f = Dense(cfg.intermediate_size, point=f'f{i}', activation=cfg.activation,
+              use_bias=cfg.enable_bias, kernel_axes=('embed', 'mlp'), init_std=cfg.init_std,
+              dtype=dtype, quant=q, name='fc1')(x, tok_mask)
+    h = Dense(cfg.hidden_size, point=f'h{i}', use_bias=cfg.enable_bias,
+              kernel_axes=('mlp', 'embed'), init_std=cfg.init_std, dtype=dtype, quant=q,
+              name='fc2')(f, tok_mask)
+    sow('ffn_output', h)
+    x = qact(q, self, f'y{i}', residual + drop(h), tok_mask)
+    if not pre:
+      x = ln('x', 'ffn_ln')(x, tok_mask)
+      sow('ffn_ln_output', x)
+    sow('layer_output', x)
+    return x
+
+
+class Opt(nn.Module):
+  """OPT decoder with the head of cfg.resolved_head: 'clm' (tied LM head) | 'none'."""
+  cfg: ModelConfig
+  quant: Any = None
+
+  @nn.compact
+  def __call__(self, input_ids, attention_mask=None, position_ids=None,
+               deterministic: bool = True) -> ModelOutput:
+    cfg, q = self.cfg, self.quant
+    dtype = dtype_of(cfg.dtype)
+    b, t = input_ids.shape
+    if attention_mask is None:
+      attention_mask = jnp.ones((b, t), jnp.int32)
+    if position_ids is None:
+      position_ids = opt_position_ids(attention_mask)
+    tok_mask = attention_mask.astype(bool)
+    causal = jnp.tril(jnp.ones((t, t), bool))
+    attn_mask = causal[None, None] & tok_mask[:, None, None, :]
+
+    word = Embed(cfg.vocab_size, cfg.embed_dim, wpoint='Et', init_std=cfg.init_std, dtype=dtype,
+                 quant=q, name='embed_tokens')
+    x = word(input_ids)
+    project = cfg.embed_dim != cfg.hidden_size
+    if project:
+      x = Dense(cfg.hidden_size, point='pin', use_bias=False, kernel_axes=(None, 'embed'),
+                init_std=cfg.init_std, dtype=dtype, quant=q, name='project_in')(x, tok_mask)
+    pos = Embed(cfg.max_position_embeddings + POSITION_OFFSET, cfg.hidden_size, wpoint='Ep',
+                init_std=cfg.init_std, dtype=dtype, quant=q, name='embed_positions')
+    x = qact(q, self, 'e', x + pos(position_ids + POSITION_OFFSET), tok_mask)
+    x = nn.Dropout(cfg.hidden_dropout)(x, deterministic=deterministic)
+
+    hidden = []
+    for i in range(cfg.num_layers):
+      hidden.append(x)
+      x = OptLayer(cfg, layer=i, quant=q, name=f'decoder_layer_{i}')(
+          x, attn_mask, tok_mask, deterministic)
+    if cfg.do_layer_norm_before and not cfg.remove_final_layer_norm:
+      x = LayerNorm(point='fln', eps=cfg.layer_norm_eps, dtype=dtype, quant=q, name='final_ln')(
+          x, tok_mask)
+      self.sow('intermediates', 'final_ln_output', x)
+    if project:
+      x = Dense(cfg.embed_dim, point='pout', use_bias=False, kernel_axes=('embed', None),
+                init_std=cfg.init_std, dtype=dtype, quant=q, name='project_out')(x, tok_mask)
+    hidden.append(x)
+
+    logits = None
+    if cfg.resolved_head == 'clm':
+      logits = qact(q, self, 'M', word.attend(x), tok_mask)
+    elif cfg.resolved_head not in ('none',):
+      raise ValueError(f'model.head={cfg.head!r} is not supported for OPT')
+    return ModelOutput(logits=logits, hidden_states=tuple(hidden), last_hidden_state=x)
