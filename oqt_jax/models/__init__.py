@@ -25,6 +25,6 @@ def build(cfg: ModelConfig | Any, quant: Any = None) -> nn.Module:
 def init_variables(model: nn.Module, rng, seq_len: int = 8, batch: int = 1, boxed: bool = False):
   """Randomly initialised variables; `boxed=True` keeps the logical-partitioning metadata."""
   ids = jnp.zeros((batch, seq_len), jnp.int32)
-  variables = model.init({'params': rng, 'dropout': rng}, ids, jnp.ones_like(ids))
+  variables = jax.jit(model.init)({'params': rng, 'dropout': rng}, ids, jnp.ones_like(ids))
   variables = {k: v for k, v in variables.items() if k != 'intermediates'}
   return variables if boxed else nn.meta.unbox(variables)

@@ -1,0 +1,6 @@
+"""OPT-1.3B, gated attention: conditional_per_token over all features (paper Table 2)."""
+from configs import recipes
+
+
+def get_config():
+  return recipes.gated_attention(recipes.opt_1_3b())

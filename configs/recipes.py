@@ -1,0 +1,100 @@
+"""The paper's recipes (REFERENCE §1) as functions over configs.base; experiment files compose them.
+
+Model families:  bert_base, opt_125m, opt_350m, opt_1_3b, and `tiny` (CPU-sized, same recipe).
+Attention variants: vanilla, clipped_softmax, gated_attention (the per-model paper settings).
+"""
+from configs import base
+
+
+def bert_base():
+  c = base.get_config()
+  m = c.model
+  m.model_type, m.hidden_size, m.num_layers, m.num_heads, m.intermediate_size = 'bert', 768, 12, 12, 3072
+  m.vocab_size, m.max_position_embeddings, m.layer_norm_eps, m.activation = 30522, 512, 1e-12, 'gelu'
+  m.init_std, m.hidden_dropout, m.attention_dropout, m.pad_token_id = 0.02, 0.1, 0.1, 0
+  m.softmax_T = 128                        # alpha form: T = max_seq_length
+  c.data.source, c.data.tokenizer, c.data.max_seq_length = 'bookcorpus_and_wiki', 'bert-base-uncased', 128
+  c.data.mlm_probability = 0.15
+  c.learning_rate, c.warmup_steps, c.num_train_steps = 1e-4, 10_000, 1_000_000
+  c.per_device_batch_size, c.eval_batch_size = 256, 32
+  c.weight_decay, c.max_grad_norm, c.adam_b1, c.adam_b2 = 0.01, 1.0, 0.9, 0.999
+  c.checkpoint_every_steps, c.eval_every_steps = 100_000, 10_000
+  c.quant.ranges_weights, c.quant.est_num_batches, c.quant.quant_setup = 'current_minmax', 16, 'all'
+  return c
+
+
+def _opt(hidden, layers, heads, ffn, max_pos, batch, accum, steps):
+  c = base.get_config()
+  m = c.model
+  m.model_type, m.hidden_size, m.num_layers, m.num_heads, m.intermediate_size = 'opt', hidden, layers, heads, ffn
+  m.vocab_size, m.max_position_embeddings, m.layer_norm_eps, m.activation = 50272, max_pos, 1e-5, 'relu'
+  m.init_std, m.hidden_dropout, m.attention_dropout, m.pad_token_id = 0.006, 0.1, 0.0, 1
+  m.do_layer_norm_before, m.softmax_T = True, 512   # alpha form: T = block_size
+  c.data.source, c.data.tokenizer, c.data.block_size = 'bookcorpus_and_wiki', 'facebook/opt-350m', 512
+  c.learning_rate, c.warmup_steps, c.num_train_steps = 4e-4, 2000, steps
+  c.per_device_batch_size, c.gradient_accumulation_steps, c.eval_batch_size = batch, accum, 4
+  c.weight_decay, c.decay_layer_norm, c.max_grad_norm = 0.1, True, 1.0
+  c.adam_b1, c.adam_b2 = 0.9, 0.95
+  c.checkpoint_every_steps, c.eval_every_steps = 10_000, 10_000
+  c.quant.ranges_weights, c.quant.est_num_batches, c.quant.quant_setup = 'mse', 4, 'fp32_head'
+  return c
+
+
+def opt_125m():   # "12L12H": batch 48 x 4 accumulation = 192, 125k steps
+  return _opt(768, 12, 12, 3072, 512, 48, 4, 125_000)
+
+
+def opt_350m():   # post-LN with project_in / project_out (word_embed_proj_dim 512)
+  c = _opt(1024, 24, 16, 4096, 2048, 24, 11, 100_000)
+  c.model.do_layer_norm_before, c.model.word_embed_proj_dim = False, 512
+  c.checkpoint_every_steps = 1000
+  return c
+
+
+def opt_1_3b():
+  c = _opt(2048, 24, 32, 8192, 1024, 14, 18, 100_000)
+  c.decay_layer_norm = False
+  c.checkpoint_every_steps = 1000
+  return c
+
+
+def vanilla(c):
+  c.model.softmax, c.model.gate = 'vanilla', 'none'
+  return c
+
+
+def clipped_softmax(c):
+  if c.model.model_type == 'bert':
+    c.model.softmax = 'clipped(-.025:1)'
+  else:
+    c.model.alpha = 12.0                 # gamma = -12 / 512
+  return c
+
+
+def gated_attention(c):
+  c.model.gate = 'conditional_per_token'
+  if c.model.model_type == 'bert':
+    c.model.gate_mlp = True
+  elif c.model.hidden_size >= 2048:      # OPT-1.3B
+    c.model.gate_linear_all_features = True
+  else:
+    c.model.gate_init = 0.25
+  return c
+
+
+def tiny(c):
+  """Same recipe at CPU size: trains on the embedded corpus (no network) in a few minutes."""
+  m = c.model
+  m.hidden_size, m.num_layers, m.num_heads, m.intermediate_size = 128, 2, 4, 512
+  m.vocab_size, m.max_position_embeddings = 2048, 128
+  if m.model_type == 'opt':
+    m.word_embed_proj_dim, m.do_layer_norm_before, m.init_std = -1, True, 0.02
+  m.softmax_T = 128
+  c.data.source, c.data.tokenizer, c.data.tokenizer_vocab_size = 'embedded', '', 2048
+  c.data.max_seq_length, c.data.block_size = 128, 128
+  c.num_train_steps, c.warmup_steps, c.learning_rate = 600, 60, 1e-3
+  c.per_device_batch_size, c.gradient_accumulation_steps, c.eval_batch_size = 16, 1, 16
+  c.num_eval_batches = 8
+  c.checkpoint_every_steps, c.eval_every_steps, c.log_every_steps = 200, 200, 20
+  c.quant.est_num_batches = 4
+  return c

@@ -1,0 +1,6 @@
+"""Tiny OPT (gated_attention recipe) that trains on the embedded corpus on a CPU."""
+from configs import recipes
+
+
+def get_config():
+  return recipes.tiny(recipes.gated_attention(recipes.opt_125m()))
