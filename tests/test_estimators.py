@@ -1,0 +1,292 @@
+"""Tests of oqt_jax.quant.estimators against plain NumPy / SciPy restatements."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy.optimize import minimize_scalar
+
+from oqt_jax.quant import estimators as E
+
+F32 = np.float32
+HUGE = F32(1e6)
+
+
+def np_qdq(x, b, symmetric, x_min, x_max):
+  """The quantizer in float32 NumPy (REFERENCE section 2)."""
+  x = np.asarray(x, F32)
+  x_min = np.minimum(np.asarray(x_min, F32), F32(0))
+  x_max = np.maximum(np.asarray(x_max, F32), F32(1e-8))
+  if symmetric:
+    signed = bool((x_min < 0).any())
+    q_min, q_max = (-2.0 ** (b - 1), 2.0 ** (b - 1) - 1) if signed else (0.0, 2.0 ** b - 1)
+    s = np.maximum(np.maximum(-x_min, x_max) / F32(q_max), F32(1e-8))
+    z = F32(0)
+  else:
+    q_min, q_max = 0.0, 2.0 ** b - 1
+    s = np.maximum((x_max - x_min) / F32(q_max), F32(1e-8))
+    z = np.clip(np.round(-x_min / s), F32(q_min), F32(q_max))
+  return s * (np.clip(np.round(x / s) + z, F32(q_min), F32(q_max)) - z)
+
+
+def np_sq_err(x, b, symmetric, lo, hi):
+  return float(np.sum((np_qdq(x, b, symmetric, lo, hi).astype(np.float64) - x) ** 2))
+
+
+def _batches(n=3, shape=(4, 8, 6), seed=0):
+  """Batches with a (B, T) padding mask; padded positions hold +-1e6."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for i in range(n):
+    x = (rng.standard_normal(shape) * (1 + i)).astype(F32)
+    mask = rng.random(shape[:2]) < 0.7
+    mask[0, 0] = True
+    x[~mask] = np.where(rng.random(x[~mask].shape) < 0.5, -HUGE, HUGE)
+    out.append((x, mask))
+  return out
+
+
+def _valid(x, mask, per_embd):
+  """Valid entries: (N,) per tensor, (N, D) per embedding."""
+  v = x[mask]                       # (n_valid_tokens, D)
+  return v if per_embd else v.reshape(-1)
+
+
+@pytest.mark.parametrize('per_embd', [False, True])
+def test_minmax_estimators_vs_numpy(per_embd):
+  axes = (0, 1) if per_embd else None
+  shape = (6,) if per_embd else ()
+  m = 0.9
+  states = {k: E.init_state(shape) for k in ('current_minmax', 'running_minmax', 'allminmax')}
+  ref_run = ref_all = None
+  for i, (x, mask) in enumerate(_batches()):
+    for k in states:
+      states[k] = E.update(k, states[k], x, mask=mask, reduce_axes=axes, momentum=m)
+    v = _valid(x, mask, per_embd)
+    b_min, b_max = v.min(axis=0), v.max(axis=0)
+    if i == 0:
+      ref_run = [b_min, b_max]
+      ref_all = [b_min, b_max]
+    else:
+      ref_run = [F32(1 - m) * b + F32(m) * r for b, r in zip((b_min, b_max), ref_run)]
+      ref_all = [np.minimum(ref_all[0], b_min), np.maximum(ref_all[1], b_max)]
+    cur = states['current_minmax']
+    np.testing.assert_array_equal(np.asarray(cur['x_min']), b_min)
+    np.testing.assert_array_equal(np.asarray(cur['x_max']), b_max)
+    np.testing.assert_allclose(np.asarray(states['running_minmax']['x_min']), ref_run[0],
+                               rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(states['running_minmax']['x_max']), ref_run[1],
+                               rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(states['allminmax']['x_min']), ref_all[0])
+    np.testing.assert_array_equal(np.asarray(states['allminmax']['x_max']), ref_all[1])
+  for st in states.values():
+    assert int(st['n']) == 3 and st['x_min'].shape == shape and st['n'].dtype == jnp.int32
+    # Padding (+-1e6) never entered the statistics.
+    assert np.all(np.abs(np.asarray(st['x_min'])) < 100)
+    assert np.all(np.abs(np.asarray(st['x_max'])) < 100)
+
+
+@pytest.mark.parametrize('per_embd', [False, True])
+def test_percentile_both_tails_vs_numpy(per_embd):
+  axes = (0, 1) if per_embd else (0, 1, 2)
+  p, m = 95.0, 0.9
+  state = E.init_state((6,) if per_embd else ())
+  ref = None
+  for i, (x, mask) in enumerate(_batches(n=2)):
+    state = E.update('percentile', state, x, mask=mask, reduce_axes=axes, percentile=p,
+                     momentum=m)
+    v = _valid(x, mask, per_embd)
+    lo, hi = np.percentile(v.astype(np.float64), (100 - p, p), axis=0)
+    # Both tails are clipped: strictly inside the batch's min / max.
+    assert np.all(lo > v.min(axis=0)) and np.all(hi < v.max(axis=0))
+    ref = [lo, hi] if i == 0 else [(1 - m) * a + m * r for a, r in zip((lo, hi), ref)]
+    np.testing.assert_allclose(np.asarray(state['x_min']), ref[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(state['x_max']), ref[1], rtol=1e-5, atol=1e-6)
+
+
+def np_grid_candidates(mn, mx, b, symmetric, n=100, margin=0.5, one_sided=None):
+  """The documented grid rule, restated in float64."""
+  one_sided = mn >= 0 if one_sided is None else one_sided
+  r1 = max(abs(mn), mx) + margin
+  if symmetric or one_sided:
+    return [(0.0 if one_sided else -r1 / n * k, r1 / n * k) for k in range(1, n + 1)]
+  pos_lim, neg_lim = mx + margin, mn - margin
+  step = max(abs(pos_lim), abs(neg_lim)) / n
+  n_shift = min(2 ** b // 4, 64)
+  stride = (2 ** b // 4) / n_shift
+  out = []
+  for k in range(1, n + 1):
+    half = step * k
+    delta = 2 * half / (2 ** b - 1)
+    for j in range(n_shift):
+      for sign in (1, -1):
+        skew = sign * j * stride * delta
+        out.append((max(-half + skew, neg_lim), min(half + skew, pos_lim)))
+  return out
+
+
+def _check_grid_choice(v, lo, hi, b, symmetric, one_sided=None, loss=None):
+  loss = loss or (lambda lo, hi: np_sq_err(v, b, symmetric, lo, hi))
+  cands = np_grid_candidates(float(v.min()), float(v.max()), b, symmetric,
+                             one_sided=one_sided)
+  losses = np.array([loss(c0, c1) for c0, c1 in cands])
+  dist = [abs(c0 - lo) + abs(c1 - hi) for c0, c1 in cands]
+  i = int(np.argmin(dist))
+  assert dist[i] < 1e-5 * (1 + abs(lo) + abs(hi)), 'chosen range is not a grid candidate'
+  assert losses[i] <= losses.min() * (1 + 1e-4) + 1e-9, (losses[i], losses.min())
+  return losses
+
+
+@pytest.mark.parametrize('symmetric', [True, False])
+def test_mse_grid_per_channel_vs_bruteforce(symmetric):
+  rng = np.random.default_rng(1)
+  w = (rng.standard_normal((24, 4)) * [[0.1, 1.0, 3.0, 0.5]]).astype(F32)
+  w[:, 3] = np.abs(w[:, 3])              # a one-sided channel
+  w[0, 1] = 6.0                          # an outlier that is worth clipping
+  b = 4
+  st = E.update('mse', E.init_state((4,)), w, reduce_axes=(0,), n_bits=b, symmetric=symmetric)
+  lo, hi = np.asarray(st['x_min']), np.asarray(st['x_max'])
+  tensor_one_sided = bool(w.min() >= 0)   # symmetric: one grid type for the whole tensor
+  for c in range(4):
+    # Symmetric: the one-sided decision (hence the grid type) is the whole tensor's;
+    # asymmetric: each channel's own.
+    one_sided = tensor_one_sided if symmetric else None
+    _check_grid_choice(w[:, c], lo[c], hi[c], b, symmetric, one_sided=one_sided)
+  assert hi[1] < 6.0                     # the outlier got clipped
+  if not symmetric:
+    assert lo[3] == 0.0                  # one-sided channel: [0, t]
+
+
+def test_mse_grid_asymmetric_two_sided_per_tensor_with_mask():
+  b = 4
+  (x, mask), = _batches(n=1, seed=3)
+  x = np.where(x > 0, x * 3, x).astype(F32)          # skewed: asymmetry pays off
+  x[0, 0, 0] = 40.0                                   # a valid outlier: clipping pays off
+  x[~mask] = HUGE
+  st = E.update('mse', E.init_state(), x, mask=mask, n_bits=b, symmetric=False)
+  v = x[mask].reshape(-1)
+  losses = _check_grid_choice(v, float(st['x_min']), float(st['x_max']), b, False)
+  assert len(losses) == 100 * 4 * 2
+  # The same search on the valid entries alone: padding did not matter.
+  st2 = E.update('mse', E.init_state(), v, n_bits=b, symmetric=False)
+  np.testing.assert_allclose([st['x_min'], st['x_max']], [st2['x_min'], st2['x_max']],
+                             rtol=1e-5)
+  # Better than plain min/max at 4 bits, with a clipped maximum.
+  assert float(st['x_max']) < 40.0
+  assert np_sq_err(v, b, False, st['x_min'], st['x_max']) < np_sq_err(
+      v, b, False, v.min(), v.max())
+
+
+def _scipy_golden_sym(v, b, margin=0.5):
+  r = max(abs(float(v.min())), float(v.max())) + margin
+  res = minimize_scalar(lambda t: np_sq_err(v, b, True, -t, t), bounds=(0.01 * r, r),
+                        method='bounded')
+  return res.x, res.fun
+
+
+def _scipy_golden_asym(v, b, margin=0.5):
+  r_max = max(abs(float(v.max()) + margin), abs(float(v.min()) - margin))
+  skew = 2 ** b // 4
+
+  def inner(r):
+    m = 2 * r / (2 ** b - 1) * skew
+    return minimize_scalar(lambda sh: np_sq_err(v, b, False, -r + sh, r + sh), bounds=(-m, m),
+                           method='bounded')
+
+  res = minimize_scalar(lambda r: inner(r).fun, bounds=(0.01 * r_max, r_max), method='bounded')
+  sh = inner(res.x)
+  return (-res.x + sh.x, res.x + sh.x), sh.fun
+
+
+def test_mse_golden_vs_scipy():
+  rng = np.random.default_rng(4)
+  b = 4
+  v = rng.standard_normal(2048).astype(F32)
+  st = E.update('mse', E.init_state(), v, n_bits=b, symmetric=True, mse_search='golden')
+  t_ref, l_ref = _scipy_golden_sym(v, b)
+  t = float(st['x_max'])
+  assert float(st['x_min']) == -t
+  l_ours = np_sq_err(v, b, True, -t, t)
+  assert l_ours <= l_ref * 1.01 and abs(t - t_ref) / t_ref < 0.05, (t, t_ref, l_ours, l_ref)
+  # Clearly better than min/max at 4 bits.
+  assert l_ours < 0.8 * np_sq_err(v, b, True, v.min(), v.max())
+
+  skewed = (rng.gamma(2.0, 1.0, 2048) - 1.0).astype(F32)    # asymmetric, two-sided
+  st = E.update('mse', E.init_state(), skewed, n_bits=b, symmetric=False, mse_search='golden')
+  (lo_ref, hi_ref), l_ref = _scipy_golden_asym(skewed, b)
+  l_ours = np_sq_err(skewed, b, False, st['x_min'], st['x_max'])
+  assert l_ours <= l_ref * 1.02, (float(st['x_min']), float(st['x_max']), lo_ref, hi_ref)
+  assert l_ours < 0.9 * np_sq_err(skewed, b, False, skewed.min(), skewed.max())
+
+
+def _np_ce(x, target, b, symmetric, lo, hi):
+  def log_softmax(z):
+    z = z.astype(np.float64)
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+  p = np.exp(log_softmax(target))
+  return float(-(p * log_softmax(np_qdq(x, b, symmetric, lo, hi))).sum())
+
+
+def test_cross_entropy_grid_vs_bruteforce():
+  rng = np.random.default_rng(5)
+  b = 3
+  logits = (rng.standard_normal((16, 10)) * 3).astype(F32)
+  logits[0, 0] = 25.0
+  st = E.update('cross_entropy', E.init_state(), logits, n_bits=b, symmetric=True)
+  loss = lambda lo, hi: _np_ce(logits, logits, b, True, lo, hi)
+  _check_grid_choice(logits.reshape(-1), float(st['x_min']), float(st['x_max']), b, True,
+                     loss=loss)
+  # logits_target: the target distribution comes from other (FP) logits.
+  target = (logits + rng.standard_normal(logits.shape)).astype(F32)
+  st = E.update('cross_entropy', E.init_state(), logits, n_bits=b, symmetric=True,
+                logits_target=target)
+  loss = lambda lo, hi: _np_ce(logits, target, b, True, lo, hi)
+  _check_grid_choice(logits.reshape(-1), float(st['x_min']), float(st['x_max']), b, True,
+                     loss=loss)
+
+
+def test_update_jits_with_static_flags():
+  (x, mask), = _batches(n=1, seed=6)
+  f = jax.jit(functools.partial(E.update, 'mse', reduce_axes=(0, 1), n_bits=4, symmetric=True,
+                                num_candidates=20))
+  got = f(E.init_state((6,)), x, mask=mask)
+  want = E.update('mse', E.init_state((6,)), x, mask=mask, reduce_axes=(0, 1), n_bits=4,
+                  symmetric=True, num_candidates=20)
+  for k in ('x_min', 'x_max', 'n'):
+    np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]))
+  assert np.all(np.abs(np.asarray(got['x_max'])) < 100)     # padding excluded
+  # A traced momentum is fine too.
+  g = jax.jit(lambda s, x, m: E.update('running_minmax', s, x, momentum=m))
+  s = g(E.init_state(), x[:1, :1], 0.5)
+  s = g(s, x[:1, :1] * 0 + 1.0, 0.5)
+  assert float(s['x_max']) == pytest.approx(0.5 * 1.0 + 0.5 * float(x[0, 0].max()))
+
+
+def test_fully_masked_channel_keeps_state():
+  x = np.arange(12, dtype=F32).reshape(2, 6)
+  mask = np.ones((2, 6), bool)
+  st = E.update('running_minmax', E.init_state((6,)), x, mask=mask, reduce_axes=(0,))
+  mask2 = mask.copy()
+  mask2[:, 2] = False
+  st2 = E.update('running_minmax', st, x + 100, mask=mask2, reduce_axes=(0,))
+  assert float(st2['x_min'][2]) == float(st['x_min'][2]) == 2.0
+  assert float(st2['x_min'][0]) == pytest.approx(0.1 * 100 + 0.9 * 0.0)
+  assert int(st2['n']) == 2
+
+
+def test_bad_arguments():
+  x = jnp.ones((2, 3))
+  with pytest.raises(ValueError, match='kind'):
+    E.update('median', E.init_state(), x)
+  with pytest.raises(ValueError, match='shape'):
+    E.update('current_minmax', E.init_state((3,)), x)
+  with pytest.raises(ValueError, match='class axis'):
+    E.update('cross_entropy', E.init_state((3,)), x, reduce_axes=(0,))
+  with pytest.raises(ValueError, match='mse_search'):
+    E.update('mse', E.init_state(), x, mse_search='newton')
+  with pytest.raises(ValueError):
+    E.update('current_minmax', E.init_state(), x, n_bits=1)
+  assert set(E.ESTIMATORS) == {'current_minmax', 'running_minmax', 'allminmax', 'percentile',
+                               'mse', 'cross_entropy'}
