@@ -76,6 +76,10 @@ def quant_defaults() -> ml_collections.ConfigDict:
   q.momentum = 0.9
   q.est_num_batches = 16
   q.per_channel = False            # weights per output channel
+  q.act_granularity = 'per_tensor' # activations: 'per_tensor' | 'per_embd' | 'ngK' | 'ngpK'
+  q.permute_shared_h = False       # PEG: x, h, y of a layer share h's permutation
+  q.mse_search = 'grid'            # MSE / CE estimators: 'grid' | 'golden'
+  q.num_candidates = 100           # MSE grid size
   q.quant_setup = 'all'
   q.quant_dict = ''                # e.g. "{'y': 16, 'h': 'ngp6'}"
   q.dynamic = False                # never freeze activation ranges

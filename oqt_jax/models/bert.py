@@ -118,7 +118,8 @@ class Bert(nn.Module):
       bias = self.param('mlm_bias', nn.with_logical_partitioning(nn.initializers.zeros,
                                                                  ('vocab',)),
                         (cfg.vocab_size,), jnp.float32)
-      logits = word.attend(hm) + bias.astype(dtype)   # decoder tied to the word embeddings
+      # The decoder is tied to the word embeddings; its weight point is 'wM'.
+      logits = word.attend(hm, wpoint='wM') + bias.astype(dtype)
       logits = qact(q, self, 'M', logits, tok_mask)
     return ModelOutput(logits=logits, hidden_states=tuple(hidden), last_hidden_state=x,
                        pooler_output=pooled)

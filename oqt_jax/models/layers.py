@@ -6,11 +6,13 @@ Every module takes `quant`: None (floating point) or an object with three method
 
   quant.weight(module, name, w)          -> w, possibly fake-quantized
   quant.act(module, name, x, mask)       -> x, possibly fake-quantized
-  quant.dot_general(module, name)        -> a lax.dot_general replacement (int8 matmuls) or None
+  quant.dot_general(module, name, mask=None)
+                                         -> a lax.dot_general replacement (int8 matmuls) or None
 
 `module` is the calling Flax module (the hook may create variables in its scope, e.g. in
 the `quant` collection), `name` is the quantization point's name (original point names:
-e, Et, s, p, c, g, u, x, h, y, z, P, C, wC, ... with a layer-index suffix inside layers) and
+e, Et, s, p, c, g, u, x, h, y, z, P, C, wC, ... with a layer-index suffix inside layers; see
+oqt_jax/quant/points.py for the full table; the tied LM decoder's weight point is 'wM') and
 `mask` is the (B, T) token-validity mask so padding never enters range statistics. With
 quant=None the hooks cost nothing.
 
@@ -77,7 +79,8 @@ class Dense(nn.Module):
                                                                self.kernel_axes),
                         (x.shape[-1], self.features), jnp.float32)
     kernel = qweight(self.quant, self, self.wpoint or 'w' + self.point, kernel)
-    dot_general = None if self.quant is None else self.quant.dot_general(self, self.point)
+    dot_general = (None if self.quant is None
+                   else self.quant.dot_general(self, self.point, mask=mask))
     x = x.astype(self.dtype)
     kernel = kernel.astype(self.dtype)
     if dot_general is None:
@@ -97,7 +100,11 @@ class Dense(nn.Module):
 
 
 class Embed(nn.Module):
-  """Embedding table (num, features); `attend` gives the tied output projection."""
+  """Embedding table (num, features); `attend` gives the tied output projection.
+
+  The table's weight point is `wpoint` for lookups; the tied decoder (`attend`) names its
+  own weight point (e.g. 'wM'), so the LM head can stay floating point or use other bits.
+  """
   num_embeddings: int
   features: int
   wpoint: str
@@ -105,19 +112,19 @@ class Embed(nn.Module):
   dtype: Dtype = jnp.float32
   quant: Any = None
 
-  def setup(self):
-    self.embedding = self.param(
+  @nn.compact
+  def __call__(self, ids=None, *, attend_to=None, wpoint=None):
+    # One compact method (the quantization hooks may create variables) serving both uses.
+    embedding = self.param(
         'embedding', nn.with_logical_partitioning(normal_init(self.init_std), ('vocab', 'embed')),
         (self.num_embeddings, self.features), jnp.float32)
+    table = qweight(self.quant, self, wpoint or self.wpoint, embedding).astype(self.dtype)
+    if attend_to is not None:
+      return jnp.einsum('...d,vd->...v', attend_to.astype(self.dtype), table)
+    return jnp.take(table, ids, axis=0)
 
-  def table(self):
-    return qweight(self.quant, self, self.wpoint, self.embedding)
-
-  def __call__(self, ids):
-    return jnp.take(self.table(), ids, axis=0).astype(self.dtype)
-
-  def attend(self, x):
-    return jnp.einsum('...d,vd->...v', x.astype(self.dtype), self.table().astype(self.dtype))
+  def attend(self, x, wpoint=None):
+    return self(attend_to=x, wpoint=wpoint)
 
 
 class LayerNorm(nn.Module):

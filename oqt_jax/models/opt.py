@@ -123,7 +123,7 @@ class Opt(nn.Module):
 
     logits = None
     if cfg.resolved_head == 'clm':
-      logits = qact(q, self, 'M', word.attend(x), tok_mask)
+      logits = qact(q, self, 'M', word.attend(x, wpoint='wM'), tok_mask)
     elif cfg.resolved_head not in ('none',):
       raise ValueError(f'model.head={cfg.head!r} is not supported for OPT')
     return ModelOutput(logits=logits, hidden_states=tuple(hidden), last_hidden_state=x)

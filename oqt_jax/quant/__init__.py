@@ -1,0 +1,34 @@
+"""Fake quantization of BERT / OPT (transformer-quantization, EMNLP 2021) and real int8 (AQT).
+
+  from oqt_jax import quant
+  x_q = quant.quantize_dequantize(x, n_bits=8, symmetric=False, x_min=-1., x_max=2.)
+  qcfg = quant.config(n_bits=8, n_bits_act=8, quant_dict="{'h': 'ngp6'}")
+  qmodel, qvariables = quant.calibrate(model, variables, batches, qcfg)
+  out = qmodel.apply(qvariables, input_ids, attention_mask=mask)
+  quant.validate_quant_config(config)      # ConfigError 'quant.<field>=...: why'
+
+Modules: quantizers (pure quantize-dequantize, STE, granularities), estimators (range
+estimators), points (point names, quant_setup / quant_dict rules, the quant config),
+hooks (QuantHooks: the models' hook protocol over the 'quant' collection), calibrate
+(calibration flow), int8 (int8 matmuls through AQT).
+"""
+from oqt_jax.quant.calibrate import calibrate, model_inputs, quant_ranges
+from oqt_jax.quant.hooks import QuantHooks
+from oqt_jax.quant.points import (QUANT_SETUPS, PointSpec, Rules, config, describe,
+                                  parse_quant_dict, validate_quant_config)
+from oqt_jax.quant.quantizers import quantize_dequantize, scale_zero_point
+
+
+def hooks(qcfg, model_cfg, mode=None, **kw) -> QuantHooks:
+  """QuantHooks for a quant config and a model config (mode: frozen, or dynamic if set)."""
+  return QuantHooks.build(qcfg, model_cfg, mode=mode, **kw)
+
+
+def rules(qcfg, model_cfg) -> Rules:
+  """The resolved per-point rules; `rules(...).spec('h3')` tells how h3 is quantized."""
+  return Rules.build(qcfg, model_cfg)
+
+
+__all__ = ['QUANT_SETUPS', 'PointSpec', 'QuantHooks', 'Rules', 'calibrate', 'config',
+           'describe', 'hooks', 'model_inputs', 'parse_quant_dict', 'quant_ranges',
+           'quantize_dequantize', 'rules', 'scale_zero_point', 'validate_quant_config']

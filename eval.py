@@ -1,0 +1,52 @@
+"""Evaluate a trained model: perplexity, outlier statistics, and (--quantize) W8A8 PTQ.
+
+  python eval.py --config configs/tiny_bert_clipped_softmax.py --workdir runs/tiny_bert
+  python eval.py --config configs/opt_125m_gated_attention.py --workdir runs/opt --quantize \
+      --config.quant.quant_setup=fp32_head --config.quant.est_num_batches=4
+  python eval.py --config configs/bert_base_vanilla.py --workdir out --hf_model /path/to/hf_dir \
+      --quantize --config.quant.quant_dict="{'x': 16, 'h': 16, 'y': 16}"
+
+Loads --hf_model, or the newest of WORKDIR/hf and WORKDIR/checkpoints. Prints a per-layer
+table and the summary, writes WORKDIR/eval_metrics.json, eval_per_layer.png and
+eval_histogram.png. Exit status 2 with one line `error: ...` on a bad config, data or
+checkpoint.
+"""
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py).',
+                                lock_config=False)
+flags.DEFINE_string('workdir', None, 'Run directory of train.py (hf/ or checkpoints/); '
+                    'eval_metrics.json and the plots are written there.')
+flags.DEFINE_string('hf_model', None, 'Evaluate this HF checkpoint dir (with its tokenizer) '
+                    'instead of the workdir run.')
+flags.DEFINE_bool('quantize', False, 'Also calibrate and evaluate the quantized model '
+                  '(config.quant: W8A8 per-tensor by default).')
+flags.DEFINE_integer('num_batches', None, 'Evaluation batches (default config.num_eval_batches).')
+flags.DEFINE_integer('batch_size', None, 'Evaluation batch size (default config.eval_batch_size).')
+flags.DEFINE_bool('plots', True, 'Write the PNG plots.')
+flags.DEFINE_bool('progress', True, 'Show a tqdm progress bar.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  if not FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)
+  from oqt_jax.errors import CheckpointError, ConfigError, DataError
+  try:
+    from oqt_jax.evaluate.run import evaluate_run
+    evaluate_run(FLAGS.config, FLAGS.workdir, quantize=FLAGS.quantize, hf_model=FLAGS.hf_model,
+                 num_batches=FLAGS.num_batches, batch_size=FLAGS.batch_size,
+                 plots_on=FLAGS.plots, progress=FLAGS.progress)
+  except (ConfigError, DataError, CheckpointError) as e:
+    print(f'error: {" ".join(str(e).split())}', file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+if __name__ == '__main__':
+  app.run(main)

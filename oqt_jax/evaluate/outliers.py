@@ -1,0 +1,258 @@
+"""Outlier statistics and perplexity, computed inside one jitted forward per batch.
+
+The models `sow` the tensors the paper measures into 'intermediates':
+  BERT  per layer: ffn_output (FFN output before the residual), ffn_residual (LN input),
+        ffn_ln_output
+  OPT   per layer: attn_output (out_proj), attn_ln_output (self_attn_layer_norm), ffn_output
+        (fc2), ffn_ln_output (final_layer_norm), layer_output; final_ln_output (decoder)
+
+Per tensor x (B, T, D) and token mask (B, T):
+  inf norm   per sequence max |x| over its valid tokens and all D, averaged over sequences;
+  kurtosis   per valid token row, Pearson: mean((x - mu)^4) / (std^4 + 1e-6) with mu, std the
+             row's mean and (population, ddof=0) standard deviation over D (a normal gives 3),
+             averaged over rows.
+Summary: max_inf_norm = max over layers of the paper's tensor (BERT ffn_output, OPT
+layer_output); max_inf_norm_any = max over all tensors; avg_kurtosis / max_kurtosis = mean /
+max over all tensors' kurtosis. perplexity = exp(sum CE / tokens) over the labelled tokens
+(MLM: labels != -100; CLM: labels shifted by one).
+
+Sequences whose labels are all -100 (the eval iterator's filler rows) are left out of the
+outlier statistics as well.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Iterable, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+TENSORS = {
+    'bert': ('ffn_output', 'ffn_residual', 'ffn_ln_output'),
+    'opt': ('attn_output', 'attn_ln_output', 'ffn_output', 'ffn_ln_output', 'layer_output'),
+}
+GLOBAL_TENSORS = {'bert': (), 'opt': ('final_ln_output',)}
+HEADLINE = {'bert': 'ffn_output', 'opt': 'layer_output'}
+KURTOSIS_EPS = 1e-6
+IGNORE = -100
+
+
+# ---- per-tensor statistics (pure, jittable) -------------------------------------------------
+def inf_norm_per_sequence(x, mask):
+  """(B,) max |x| over each sequence's valid tokens and all features (0 for empty rows)."""
+  a = jnp.abs(x.astype(jnp.float32))
+  a = jnp.where(mask[..., None], a, 0.0)
+  return jnp.max(a, axis=(1, 2))
+
+
+def kurtosis_per_row(x, eps: float = KURTOSIS_EPS):
+  """(B, T) Pearson kurtosis of every token row over the feature axis."""
+  x = x.astype(jnp.float32)
+  mu = jnp.mean(x, axis=-1, keepdims=True)
+  d = x - mu
+  var = jnp.mean(d * d, axis=-1)
+  m4 = jnp.mean(d ** 4, axis=-1)
+  return m4 / (var * var + eps)
+
+
+def tensor_sums(x, tok_mask, seq_weight):
+  """Sums to accumulate: inf-norm sum over sequences, #sequences, kurtosis sum over rows, #rows."""
+  tok_mask = tok_mask.astype(bool) & (seq_weight[:, None] > 0)
+  inf = inf_norm_per_sequence(x, tok_mask)
+  kurt = kurtosis_per_row(x)
+  seq_valid = jnp.any(tok_mask, axis=1)
+  return {
+      'inf_sum': jnp.sum(jnp.where(seq_valid, inf, 0.0)),
+      'inf_max': jnp.max(jnp.where(seq_valid, inf, 0.0)),
+      'n_seq': jnp.sum(seq_valid.astype(jnp.float32)),
+      'kurt_sum': jnp.sum(jnp.where(tok_mask, kurt, 0.0)),
+      'n_rows': jnp.sum(tok_mask.astype(jnp.float32)),
+  }
+
+
+def collect_tensors(intermediates: Mapping, model_type: str) -> dict[str, Any]:
+  """{'L{i}/{tensor}': array, 'final_ln_output': array} from a sown 'intermediates' tree."""
+  out = {}
+  prefix = 'encoder_layer_' if model_type == 'bert' else 'decoder_layer_'
+  for key, sub in intermediates.items():
+    if key.startswith(prefix):
+      i = int(key[len(prefix):])
+      for t in TENSORS[model_type]:
+        if t in sub:
+          out[f'L{i}/{t}'] = sub[t][0]
+    elif key in GLOBAL_TENSORS[model_type]:
+      out[key] = sub[0]
+  return out
+
+
+def lm_loss_sums(logits, labels, attention_mask, causal: bool):
+  """(sum of token cross-entropies, number of tokens) over labels != -100."""
+  logits = logits.astype(jnp.float32)
+  if causal:
+    logits, labels = logits[:, :-1], labels[:, 1:]
+    valid = (labels != IGNORE) & attention_mask[:, 1:].astype(bool)
+  else:
+    valid = (labels != IGNORE) & attention_mask.astype(bool)
+  safe = jnp.where(valid, labels, 0)
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+  return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid.astype(jnp.float32))
+
+
+def sequence_weight(batch_labels, attention_mask):
+  """1 for sequences that count, 0 for filler rows (all labels -100)."""
+  if batch_labels is None or batch_labels.ndim != 2:
+    return jnp.any(attention_mask.astype(bool), axis=1).astype(jnp.float32)
+  return jnp.any(batch_labels != IGNORE, axis=1).astype(jnp.float32)
+
+
+# ---- the jitted evaluation step ---------------------------------------------------------------
+MODEL_INPUTS = {'bert': ('input_ids', 'attention_mask', 'token_type_ids'),
+                'opt': ('input_ids', 'attention_mask')}
+
+
+@functools.lru_cache(maxsize=8)
+def make_eval_step(model):
+  """jit(variables, batch) -> (sums, intermediates): one forward with everything measured."""
+  mtype = model.cfg.model_type
+  head = model.cfg.resolved_head
+
+  def step(variables, batch):
+    inputs = {k: batch[k] for k in MODEL_INPUTS[mtype] if k in batch}
+    mask = batch['attention_mask']
+    out, state = model.apply(variables, **inputs, mutable=['intermediates'])
+    tensors = collect_tensors(state['intermediates'], mtype)
+    labels = batch.get('labels')
+    w = sequence_weight(labels if head in ('mlm', 'clm') else None, mask)
+    sums = {name: tensor_sums(x, mask, w) for name, x in tensors.items()}
+    if head in ('mlm', 'clm') and labels is not None and out.logits is not None:
+      ce, n = lm_loss_sums(out.logits, labels, mask, causal=head == 'clm')
+      sums['_loss'] = {'ce_sum': ce, 'n_tokens': n}
+    return sums, tensors
+  return jax.jit(step)
+
+
+def accumulate(acc, sums):
+  if acc is None:
+    return sums
+  def add(path, a, b):
+    return jnp.maximum(a, b) if path[-1].key == 'inf_max' else a + b
+  return jax.tree_util.tree_map_with_path(add, acc, sums)
+
+
+def pad_batch(batch: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+  """Pads a short last batch with rows that count nowhere (mask 0, labels -100)."""
+  n = next(iter(batch.values())).shape[0]
+  if n >= rows:
+    return dict(batch)
+  out = {}
+  for k, v in batch.items():
+    fill = IGNORE if k == 'labels' else 0
+    pad = np.full((rows - n,) + v.shape[1:], fill, v.dtype)
+    out[k] = np.concatenate([v, pad], 0)
+  return out
+
+
+def finalize(acc, model_type: str, num_layers: int) -> dict:
+  """Host-side metrics dict from the accumulated sums."""
+  acc = jax.device_get(acc)
+  per_layer = []
+  tensors = {}
+  for name, s in acc.items():
+    if name == '_loss':
+      continue
+    inf = float(s['inf_sum'] / s['n_seq']) if s['n_seq'] else float('nan')
+    kurt = float(s['kurt_sum'] / s['n_rows']) if s['n_rows'] else float('nan')
+    tensors[name] = {'inf_norm': inf, 'kurtosis': kurt, 'inf_norm_max': float(s['inf_max'])}
+  for i in range(num_layers):
+    row = {'layer': i}
+    for t in TENSORS[model_type]:
+      if f'L{i}/{t}' in tensors:
+        row[t] = tensors[f'L{i}/{t}']
+    per_layer.append(row)
+  headline = [tensors[f'L{i}/{HEADLINE[model_type]}']['inf_norm'] for i in range(num_layers)
+              if f'L{i}/{HEADLINE[model_type]}' in tensors]
+  kurts = [v['kurtosis'] for v in tensors.values()]
+  infs = [v['inf_norm'] for v in tensors.values()]
+  out = {
+      'max_inf_norm': max(headline) if headline else float('nan'),
+      'max_inf_norm_tensor': HEADLINE[model_type],
+      'max_inf_norm_any': max(infs) if infs else float('nan'),
+      'avg_kurtosis': float(np.mean(kurts)) if kurts else float('nan'),
+      'max_kurtosis': max(kurts) if kurts else float('nan'),
+      'per_layer': per_layer,
+      'global': {k: v for k, v in tensors.items() if not k.startswith('L')},
+  }
+  if '_loss' in acc:
+    n = float(acc['_loss']['n_tokens'])
+    loss = float(acc['_loss']['ce_sum']) / n if n else float('nan')
+    out.update(loss=loss, perplexity=math.exp(loss) if n and loss < 700 else float('inf'),
+               num_tokens=int(n))
+  else:
+    out.update(loss=None, perplexity=None, num_tokens=0)
+  return out
+
+
+def evaluate(model, variables, batches: Iterable[Mapping[str, np.ndarray]], *,
+             num_batches: Optional[int] = None, progress: bool = False, desc: str = 'eval',
+             keep_first: bool = False):
+  """Outlier statistics + perplexity of `model` over `batches`; one compile.
+
+  Returns the metrics dict (see finalize); with keep_first also (metrics, first) where first
+  = (tensors, attention_mask) of the first batch on the host, for histograms.
+  """
+  step = make_eval_step(model)
+  variables = {k: v for k, v in dict(variables).items() if k != 'intermediates'}
+  it = iter(batches)
+  if progress:
+    from tqdm.auto import tqdm
+    it = tqdm(it, total=num_batches, desc=desc, unit='batch')
+  acc, rows, first = None, None, None
+  for b, batch in enumerate(it):
+    if num_batches is not None and b >= num_batches:
+      break
+    batch = {k: np.asarray(v) for k, v in batch.items() if v is not None}
+    rows = rows or next(iter(batch.values())).shape[0]
+    batch = pad_batch(batch, rows)
+    sums, tensors = step(variables, batch)
+    acc = accumulate(acc, sums)
+    if keep_first and first is None:
+      first = (jax.device_get(tensors), np.asarray(batch['attention_mask']))
+  if acc is None:
+    raise ValueError('evaluate: no batches')
+  metrics = finalize(acc, model.cfg.model_type, model.cfg.num_layers)
+  return (metrics, first) if keep_first else metrics
+
+
+def format_table(metrics: dict, model_type: str, quantized: Optional[dict] = None) -> str:
+  """A per-layer text table (inf norm / kurtosis of each tensor), FP and optionally quantized."""
+  cols = TENSORS[model_type]
+  short = {'ffn_output': 'ffn', 'ffn_residual': 'ffn+res', 'ffn_ln_output': 'ffn_ln',
+           'attn_output': 'attn', 'attn_ln_output': 'attn_ln', 'layer_output': 'layer'}
+  head = 'layer ' + ''.join(f'{short[c] + " inf":>12}{short[c] + " kurt":>13}' for c in cols)
+  lines = [head]
+  for tag, m in (('', metrics), ('q ', quantized)):
+    if m is None:
+      continue
+    for row in m['per_layer']:
+      cells = ''
+      for c in cols:
+        v = row.get(c, {})
+        cells += f'{v.get("inf_norm", float("nan")):12.2f}{v.get("kurtosis", float("nan")):13.2f}'
+      lines.append(f'{tag}{row["layer"]:<{6 - len(tag)}}{cells}')
+  return '\n'.join(lines)
+
+
+def format_summary(metrics: dict, prefix: str = '') -> str:
+  ppl = metrics.get('perplexity')
+  parts = [f'{prefix}perplexity: {ppl:.4f}' if ppl is not None else f'{prefix}perplexity: n/a',
+           f'{prefix}max inf norm ({metrics["max_inf_norm_tensor"]}): '
+           f'{metrics["max_inf_norm"]:.2f}',
+           f'{prefix}max inf norm (any tensor): {metrics["max_inf_norm_any"]:.2f}',
+           f'{prefix}avg kurtosis: {metrics["avg_kurtosis"]:.2f}',
+           f'{prefix}max kurtosis: {metrics["max_kurtosis"]:.2f}']
+  for name, v in metrics.get('global', {}).items():
+    parts.append(f'{prefix}{name} inf norm: {v["inf_norm"]:.2f}, kurtosis: {v["kurtosis"]:.2f}')
+  return '\n'.join(parts)

@@ -1,0 +1,196 @@
+"""QuantHooks: the models' quantization-hook protocol, backed by the Flax 'quant' collection.
+
+  qmodel = model.clone(quant=QuantHooks.build(qcfg, model.cfg, mode='frozen'))
+
+Every point keeps its state in the 'quant' collection of the module that calls the hook,
+under the point's name (e.g. quant/encoder_layer_3/output/h3):
+  activations  {'x_min', 'x_max', 'n'} (shape () per tensor, (D,) per embedding and per
+               embedding group: groups are formed from per-dim statistics with
+               quantizers.group_ranges), plus 'group_ids' (D,) for permuted PEG and 'fp'
+               (per-dim FP min / max) on the points the permutation is measured on;
+  weights      {'x_min', 'x_max', 'n'} of the weight (per tensor or per output channel);
+  int8 inputs  'in_<point>' {'x_min', 'x_max', 'n'}: the static range of a Dense layer's input
+               used by the int8 matmul (int8.py).
+
+Modes:
+  'init'         creates every state (weights: their ranges, computed from the weights once),
+                 no quantization;
+  'stats'        floating-point pass collecting per-dim FP ranges for PEG permutations;
+  'calibrating'  estimators update from the batch (padding masked), then quantize with them;
+  'frozen'       quantize with the stored ranges (read only);
+  'dynamic'      activation ranges from the current batch alone (the estimator on a fresh
+                 state), weights and permutations from the store;
+  'fp'           hooks are identities (a floating-point run of a quantized model).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+
+from oqt_jax.errors import ConfigError
+from oqt_jax.quant import estimators, quantizers
+from oqt_jax.quant.points import Rules
+
+MODES = ('init', 'stats', 'calibrating', 'frozen', 'dynamic', 'fp')
+COLLECTION = 'quant'
+TIED_TABLES = ('Et', 'Ep', 'Ets', 'wM')   # (rows, features) tables: output channel = axis 0
+
+
+def token_mask_for(x, mask):
+  """The (B, T) token mask broadcast for x: (B,T,D) -> (B,T,1); (B,H,T,T) -> query & key valid."""
+  if mask is None:
+    return None
+  mask = mask.astype(bool)
+  if x.ndim == 4 and mask.ndim == 2 and x.shape[2] == x.shape[3] == mask.shape[1]:
+    return mask[:, None, :, None] & mask[:, None, None, :]
+  if x.ndim >= mask.ndim and tuple(x.shape[:mask.ndim]) == tuple(mask.shape):
+    return mask.reshape(mask.shape + (1,) * (x.ndim - mask.ndim))
+  return None
+
+
+def weight_reduce_axes(name: str, w, per_channel: bool) -> tuple[int, ...]:
+  """Axes the weight's range reduces over: all (per tensor) or all but the output channel."""
+  if not per_channel or w.ndim < 2:
+    return tuple(range(w.ndim))
+  channel = 0 if name in TIED_TABLES else w.ndim - 1   # Dense kernels are (in, out)
+  return tuple(a for a in range(w.ndim) if a != channel)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantHooks:
+  """Implements quant.weight / quant.act / quant.dot_general (see models/layers.py)."""
+  rules: Rules
+  mode: str = 'frozen'
+  int8_backend: str = 'aqt'     # 'aqt' (int8 matmuls) | 'fake' (the same arithmetic in float)
+
+  def __post_init__(self):
+    if self.mode not in MODES:
+      raise ValueError(f'QuantHooks.mode must be one of {MODES}, got {self.mode!r}')
+    if self.int8_backend not in ('aqt', 'fake'):
+      raise ValueError(f"int8_backend must be 'aqt' or 'fake', got {self.int8_backend!r}")
+
+  @classmethod
+  def build(cls, qcfg, model_cfg, mode: Optional[str] = None, **kw) -> 'QuantHooks':
+    rules = Rules.build(qcfg, model_cfg)
+    if mode is None:
+      mode = 'dynamic' if rules.dynamic else 'frozen'
+    return cls(rules=rules, mode=mode, **kw)
+
+  def with_mode(self, mode: str) -> 'QuantHooks':
+    return dataclasses.replace(self, mode=mode)
+
+  @property
+  def eval_mode(self) -> str:
+    return 'dynamic' if self.rules.dynamic else 'frozen'
+
+  # ---- helpers -------------------------------------------------------------------------------
+  def _update(self, spec, state, x, mask, axes, n_bits=None, symmetric=None, kind=None):
+    r = self.rules
+    return estimators.update(
+        kind or spec.estimator, state, x, mask=mask, reduce_axes=axes, momentum=r.momentum,
+        percentile=r.percentile, n_bits=n_bits or spec.n_bits,
+        symmetric=spec.symmetric if symmetric is None else symmetric,
+        mse_search=r.mse_search, num_candidates=r.num_candidates)
+
+  @staticmethod
+  def _ranges(state, ndim, axes):
+    return (quantizers.expand_range(state['x_min'], ndim, axes),
+            quantizers.expand_range(state['x_max'], ndim, axes))
+
+  @staticmethod
+  def _read(module, name, what):
+    if not module.has_variable(COLLECTION, name):
+      raise ValueError(f"quantization point {name!r} ({what}) has no state in the 'quant' "
+                       'collection: calibrate the model first (oqt_jax.quant.calibrate)')
+    return module.get_variable(COLLECTION, name)
+
+  # ---- weights ---------------------------------------------------------------------------------
+  def weight_state(self, name, w):
+    """The weight's range state computed from the weight itself (no data needed)."""
+    spec = self.rules.spec(name)
+    axes = weight_reduce_axes(name, w, self.rules.per_channel)
+    shape = tuple(d for i, d in enumerate(w.shape) if i not in axes)
+    return self._update(spec, estimators.init_state(shape), w, None, axes), axes
+
+  def weight(self, module, name, w):
+    spec = self.rules.spec(name)
+    if not spec.enabled or self.mode in ('fp', 'stats'):
+      return w
+    if self.mode == 'init':
+      state, axes = self.weight_state(name, w)
+      module.put_variable(COLLECTION, name, state)
+      return w
+    if module.has_variable(COLLECTION, name):
+      state = module.get_variable(COLLECTION, name)
+      axes = weight_reduce_axes(name, w, self.rules.per_channel)
+    else:   # not calibrated: ranges from the weight itself, every call
+      state, axes = self.weight_state(name, w)
+    x_min, x_max = self._ranges(state, w.ndim, axes)
+    return quantizers.quantize_dequantize(w, spec.n_bits, spec.symmetric, x_min, x_max)
+
+  # ---- activations -----------------------------------------------------------------------------
+  def act(self, module, name, x, mask):
+    r = self.rules
+    spec = r.spec(name)
+    mode = self.mode
+    if mode == 'fp':
+      return x
+    needs_stats = name in r.stats_points()
+    if not spec.enabled and not needs_stats:
+      return x
+    m = token_mask_for(x, mask)
+    d = x.shape[-1]
+    per_dim = spec.granularity in ('per_embd', 'groups') and x.ndim in (2, 3)
+    axes = tuple(range(x.ndim - 1)) if per_dim else tuple(range(x.ndim))
+    shape = (d,) if per_dim else ()
+    grouped = per_dim and spec.granularity == 'groups'
+    if grouped and d % spec.n_groups:
+      raise ConfigError(f'quant.quant_dict: point {name!r} has {d} dims, not divisible into '
+                        f'{spec.n_groups} groups')
+    dim_axes = tuple(range(x.ndim - 1))
+
+    if mode == 'init':
+      state = {}
+      if spec.enabled:
+        state.update(estimators.init_state(shape))
+        if grouped and spec.permute:
+          state['group_ids'] = quantizers.group_index(d, spec.n_groups)
+      if needs_stats:
+        state['fp'] = estimators.init_state((d,))
+      module.put_variable(COLLECTION, name, state)
+      return x
+    if mode == 'stats':
+      if needs_stats:
+        state = dict(self._read(module, name, 'stats'))
+        state['fp'] = estimators.update('allminmax', state['fp'], x, mask=m, reduce_axes=dim_axes)
+        module.put_variable(COLLECTION, name, state)
+      return x
+    if not spec.enabled:
+      return x
+
+    rng_keys = ('x_min', 'x_max', 'n')
+    if mode == 'calibrating':
+      stored = dict(self._read(module, name, 'range'))
+      new = self._update(spec, {k: stored[k] for k in rng_keys}, x, m, axes)
+      stored.update(new)
+      module.put_variable(COLLECTION, name, stored)
+      state = stored
+    elif mode == 'frozen':
+      state = self._read(module, name, 'range')
+    else:  # dynamic: the estimator on this batch alone
+      state = self._update(spec, estimators.init_state(shape), x, m, axes)
+      if grouped and spec.permute:
+        state = dict(state, group_ids=self._read(module, name, 'permutation')['group_ids'])
+    x_min, x_max = state['x_min'], state['x_max']
+    if grouped:
+      gid = state['group_ids'] if spec.permute else quantizers.group_index(d, spec.n_groups)
+      x_min, x_max = quantizers.group_ranges(x_min, x_max, gid, spec.n_groups)
+    return quantizers.quantize_dequantize(x, spec.n_bits, spec.symmetric, x_min, x_max)
+
+  # ---- int8 matmuls ----------------------------------------------------------------------------
+  def dot_general(self, module, name, mask=None):
+    if not self.rules.int8 or self.mode in ('fp', 'stats'):
+      return None
+    from oqt_jax.quant import int8   # AQT stays behind this one adapter
+    return int8.dot_general(self, module, name, mask)

@@ -1,0 +1,461 @@
+"""Quantization points and the rules that decide, per point, how (or whether) it is quantized.
+
+Point names (the models call the hooks with these; a layer index follows layer points):
+
+  BERT  e (embedding sum) · eln (embedding LN) · per layer i: q,k,v (Q/K/V outputs), s (scores),
+        p (probabilities), c (context, after the gate), g (attention output projection),
+        u (attention residual sum), x (attention LN out = FFN input), f (FFN intermediate,
+        after GELU), h (FFN output), y (FFN residual sum), z (FFN LN out) · heads: P (pooler),
+        C (classifier logits), Mt / Mln / M (MLM transform, its LN, logits)
+  OPT   e (embedding sum) · pin / pout (project_in / project_out) · per layer i: a
+        (self_attn_layer_norm out), q,k,v,s,p,c,g, u (attention residual sum), x
+        (final_layer_norm out = FFN input), f (fc1 after ReLU), h (fc2), y (FFN residual sum =
+        layer output) · fln (final decoder LN) · M (logits)
+  weights  'w' + the output point of a Dense or LayerNorm (wq3, wf3, wx3, weln, wC, wP, ...),
+        embedding tables Et (words), Ep (positions), Ets (token types), wM (tied LM decoder)
+
+Resolution of one point, in order (later steps win, attribute by attribute):
+  1. config defaults: weights n_bits symmetric (qmethod), per-tensor or per-channel, estimator
+     ranges_weights; activations n_bits_act asymmetric (qmethod_acts), granularity
+     act_granularity, estimator ranges_acts;
+  2. quant_setup: all | fp32_head | fp32_head+int16_final_LN | fp32_head+int16_all_LN |
+     FP_logits | MSE_logits | CE_logits;
+  3. quant_dict overrides, least specific first: 'L' < 'x' (a point letter, all layers) < 'L3'
+     < 'x3'. A value is the bits (int; 32 = fp32), 'fp32', 'per_tensor', 'per_embd',
+     'ngK' (K groups) or 'ngpK' (K groups, range-sorted permutation). 'L' keys set bits or
+     fp32 of weights and activations of the layer, granularities only of its activations.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+import re
+from typing import Mapping, Optional
+
+import ml_collections
+
+from oqt_jax.errors import ConfigError
+
+# ---- the points ----------------------------------------------------------------------------
+LAYER_ACTS = {
+    'bert': ('q', 'k', 'v', 's', 'p', 'c', 'g', 'u', 'x', 'f', 'h', 'y', 'z'),
+    'opt': ('a', 'q', 'k', 'v', 's', 'p', 'c', 'g', 'u', 'x', 'f', 'h', 'y'),
+}
+GLOBAL_ACTS = {
+    'bert': ('e', 'eln', 'P', 'C', 'Mt', 'Mln', 'M'),
+    'opt': ('e', 'pin', 'fln', 'pout', 'M'),
+}
+TABLES = {'bert': ('Et', 'Ep', 'Ets'), 'opt': ('Et', 'Ep')}
+# Activation points whose producer has a weight (Dense kernel or LayerNorm gamma): 'w' + point.
+WEIGHTED = ('q', 'k', 'v', 'g', 'f', 'h', 'x', 'z', 'a', 'eln', 'fln', 'pin', 'pout', 'P', 'C',
+            'Mt', 'Mln', 'M')
+HEAD = ('P', 'C', 'Mt', 'Mln', 'M')
+LOGITS = ('C', 'M')
+LN_ACTS = ('eln', 'x', 'z', 'a', 'fln', 'Mln')
+ALL_LAYER_ACTS = tuple(sorted(set(LAYER_ACTS['bert']) | set(LAYER_ACTS['opt'])))
+ALL_GLOBAL_ACTS = tuple(sorted(set(GLOBAL_ACTS['bert']) | set(GLOBAL_ACTS['opt'])))
+ALL_TABLES = ('Et', 'Ep', 'Ets')
+
+QUANT_SETUPS = ('all', 'fp32_head', 'fp32_head+int16_final_LN', 'fp32_head+int16_all_LN',
+                'FP_logits', 'MSE_logits', 'CE_logits')
+QMETHODS = ('symmetric_uniform', 'asymmetric_uniform')
+WEIGHT_ESTIMATORS = ('current_minmax', 'running_minmax', 'allminmax', 'percentile', 'mse')
+ACT_ESTIMATORS = ('current_minmax', 'running_minmax', 'allminmax', 'percentile', 'mse',
+                  'cross_entropy')
+MSE_SEARCHES = ('grid', 'golden')
+GRAN_RE = re.compile(r'^(per_tensor|per_embd|ng(\d+)|ngp(\d+))$')
+KEY_RE = re.compile(r'^([A-Za-z]+?)(\d+)?$')
+
+# The originals' defaults; configs/base.py quant_defaults() holds the same values (a test
+# checks). The last four are oqt_jax additions (the original CLI flags --per-embd,
+# --per-groups N [--per-groups-permute], --per-groups-permute-shared-h, --weight-opt-method,
+# --num-candidates).
+QUANT_DEFAULTS = dict(
+    n_bits=8, n_bits_act=8, qmethod='symmetric_uniform', qmethod_acts='asymmetric_uniform',
+    ranges_weights='current_minmax', ranges_acts='running_minmax', percentile=-1.0,
+    momentum=0.9, est_num_batches=16, per_channel=False, quant_setup='all', quant_dict='',
+    dynamic=False, int8=False)
+EXTRA_DEFAULTS = dict(act_granularity='per_tensor', permute_shared_h=False, mse_search='grid',
+                      num_candidates=100)
+
+
+def config(**overrides) -> ml_collections.ConfigDict:
+  """A validated `config.quant` ConfigDict: the originals' defaults, then `overrides`."""
+  q = ml_collections.ConfigDict(dict(QUANT_DEFAULTS, **EXTRA_DEFAULTS))
+  for k, v in overrides.items():
+    if k not in q:
+      raise ConfigError(f'quant.{k}: unknown field (known: {", ".join(sorted(q))})')
+    try:
+      q[k] = v
+    except TypeError:
+      raise ConfigError(f'quant.{k}={v!r}: expected a {type(q[k]).__name__} like the default '
+                        f'{q[k]!r}') from None
+  validate_quant_config(q)
+  return q
+
+
+def _get(q, field):
+  if field in q:
+    return q[field]
+  return dict(QUANT_DEFAULTS, **EXTRA_DEFAULTS)[field]
+
+
+# ---- parsing ---------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Override:
+  """One quant_dict entry, parsed: what it sets."""
+  bits: Optional[int] = None          # None: unchanged
+  enabled: Optional[bool] = None
+  granularity: Optional[str] = None   # 'per_tensor' | 'per_embd' | 'groups'
+  n_groups: int = 0
+  permute: bool = False
+
+
+def parse_value(key: str, value, field: str = 'quant.quant_dict') -> Override:
+  if isinstance(value, bool):
+    raise ConfigError(f'{field}: {key!r}: {value!r} is not a bit width, fp32 or a granularity')
+  if isinstance(value, int):
+    if value == 32:
+      return Override(enabled=False)
+    if not 2 <= value <= 16:
+      raise ConfigError(f'{field}: {key!r}: {value} bits; expected 2..16 or 32 (= fp32)')
+    return Override(bits=value, enabled=True)
+  if isinstance(value, str):
+    v = value.strip()
+    if v.lower() in ('fp32', 'fp', 'float32'):
+      return Override(enabled=False)
+    if v.isdigit():
+      return parse_value(key, int(v), field)
+    m = GRAN_RE.match(v)
+    if m:
+      if m.group(1) in ('per_tensor', 'per_embd'):
+        return Override(granularity=m.group(1))
+      k = int(m.group(2) or m.group(3))
+      if k < 1:
+        raise ConfigError(f'{field}: {key!r}: {value!r} needs at least 1 group')
+      return Override(granularity='groups', n_groups=k, permute=m.group(3) is not None)
+  raise ConfigError(f"{field}: {key!r}: {value!r}; expected bits (int), 'fp32', 'per_tensor', "
+                    "'per_embd', 'ngK' or 'ngpK'")
+
+
+def parse_key(key: str, field: str = 'quant.quant_dict') -> tuple[str, Optional[int]]:
+  """'y11' -> ('y', 11); 'Et' -> ('Et', None); 'wq3' -> ('wq', 3); validates the name."""
+  m = KEY_RE.match(str(key))
+  if not m:
+    raise ConfigError(f'{field}: unknown point {key!r}')
+  base, idx = m.group(1), m.group(2)
+  layer = None if idx is None else int(idx)
+  act = base[1:] if base.startswith('w') and base != 'w' else base
+  is_weight = base.startswith('w') and base != 'w'
+  known_layer = set(ALL_LAYER_ACTS) | {'L'}
+  if base in ALL_TABLES or (is_weight and act in WEIGHTED and act in ALL_GLOBAL_ACTS):
+    if layer is not None:
+      raise ConfigError(f'{field}: point {key!r}: {base!r} is not a per-layer point')
+    return base, None
+  if (is_weight and act in WEIGHTED and act in ALL_LAYER_ACTS) or base in known_layer:
+    return base, layer
+  if base in ALL_GLOBAL_ACTS:
+    if layer is not None:
+      raise ConfigError(f'{field}: point {key!r}: {base!r} is not a per-layer point')
+    return base, None
+  known = sorted(set(ALL_LAYER_ACTS) | set(ALL_GLOBAL_ACTS) | set(ALL_TABLES) | {'L'}
+                 | {'w' + a for a in WEIGHTED})
+  raise ConfigError(f'{field}: unknown point {key!r} (known: {", ".join(known)}, with an '
+                    'optional layer index)')
+
+
+def parse_quant_dict(spec) -> tuple[tuple[str, Optional[int], Override], ...]:
+  """"{'y': 16, 'h': 'ngp6', 'L10': 'fp32'}" (or a dict) -> ((base, layer, Override), ...)."""
+  field = 'quant.quant_dict'
+  if spec is None or (isinstance(spec, str) and not spec.strip()):
+    return ()
+  if isinstance(spec, str):
+    try:
+      d = ast.literal_eval(spec.strip())
+    except (ValueError, SyntaxError) as e:
+      raise ConfigError(f"{field}={spec!r}: not a dict literal like \"{{'y': 16, 'h': 'ngp6'}}\""
+                        f' ({type(e).__name__})') from None
+  elif isinstance(spec, Mapping):
+    d = dict(spec)
+  else:
+    d = spec
+  if hasattr(d, 'to_dict'):
+    d = d.to_dict()
+  if not isinstance(d, dict):
+    raise ConfigError(f'{field}={spec!r}: expected a dict of point -> value')
+  out = []
+  for k, v in d.items():
+    base, layer = parse_key(k, field)
+    ov = parse_value(k, v, field)
+    if (base in ALL_TABLES or base.startswith('w')) and ov.granularity is not None:
+      raise ConfigError(f'{field}: {k!r}: {v!r}; weight points take bits or fp32 only '
+                        '(per-channel weights: quant.per_channel)')
+    out.append((base, layer, ov))
+  return tuple(out)
+
+
+def parse_granularity(value, field='quant.act_granularity') -> Override:
+  m = GRAN_RE.match(str(value))
+  if not m:
+    raise ConfigError(f"{field}={value!r}: expected 'per_tensor', 'per_embd', 'ngK' or 'ngpK'")
+  return parse_value('*', str(value), field)
+
+
+# ---- validation ------------------------------------------------------------------------------
+def validate_quant_config(config) -> None:
+  """Checks a full config (with .quant) or a quant ConfigDict; raises ConfigError."""
+  q = config.quant if 'quant' in config else config
+  known = set(QUANT_DEFAULTS) | set(EXTRA_DEFAULTS)
+  for k in q:
+    if k not in known:
+      raise ConfigError(f'quant.{k}: unknown field (known: {", ".join(sorted(known))})')
+
+  def bad(field, msg):
+    raise ConfigError(f'quant.{field}={_get(q, field)!r}: {msg}')
+
+  for f in ('n_bits', 'n_bits_act'):
+    v = _get(q, f)
+    if isinstance(v, bool) or not isinstance(v, int) or not 2 <= v <= 16:
+      bad(f, 'expected an integer bit width in 2..16')
+  for f in ('qmethod', 'qmethod_acts'):
+    if _get(q, f) not in QMETHODS:
+      bad(f, f'expected one of {QMETHODS}')
+  if _get(q, 'ranges_weights') not in WEIGHT_ESTIMATORS:
+    bad('ranges_weights', f'expected one of {WEIGHT_ESTIMATORS}')
+  if _get(q, 'ranges_acts') not in ACT_ESTIMATORS:
+    bad('ranges_acts', f'expected one of {ACT_ESTIMATORS}')
+  p = float(_get(q, 'percentile'))
+  uses_pct = 'percentile' in (_get(q, 'ranges_acts'), _get(q, 'ranges_weights'))
+  if uses_pct and not 50.0 < p <= 100.0:
+    bad('percentile', "the 'percentile' estimator needs a percentile in (50, 100], e.g. 99.999")
+  if not uses_pct and p > 0 and not 50.0 < p <= 100.0:
+    bad('percentile', 'expected -1 (unused) or a percentile in (50, 100]')
+  if not 0.0 <= float(_get(q, 'momentum')) < 1.0:
+    bad('momentum', 'must be in [0, 1)')
+  n = _get(q, 'est_num_batches')
+  if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    bad('est_num_batches', 'must be a positive integer')
+  if _get(q, 'quant_setup') not in QUANT_SETUPS:
+    bad('quant_setup', f'expected one of {QUANT_SETUPS}')
+  parse_quant_dict(_get(q, 'quant_dict'))
+  parse_granularity(_get(q, 'act_granularity'))
+  if _get(q, 'mse_search') not in MSE_SEARCHES:
+    bad('mse_search', f'expected one of {MSE_SEARCHES}')
+  nc = _get(q, 'num_candidates')
+  if isinstance(nc, bool) or not isinstance(nc, int) or nc < 2:
+    bad('num_candidates', 'must be an integer >= 2')
+  for f in ('per_channel', 'dynamic', 'int8', 'permute_shared_h'):
+    if not isinstance(_get(q, f), bool):
+      bad(f, 'expected True or False')
+  if _get(q, 'int8') and _get(q, 'n_bits') > 8:
+    bad('int8', f'int8 matmuls need n_bits <= 8, got n_bits={_get(q, "n_bits")}')
+  if _get(q, 'int8') and _get(q, 'qmethod') != 'symmetric_uniform':
+    bad('int8', "int8 matmuls need symmetric weights (quant.qmethod='symmetric_uniform')")
+
+
+# ---- resolution ------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class PointSpec:
+  """How one point is quantized."""
+  name: str
+  kind: str                   # 'weight' | 'act'
+  enabled: bool
+  n_bits: int
+  symmetric: bool
+  granularity: str            # 'per_tensor' | 'per_channel' (weights) | 'per_embd' | 'groups'
+  estimator: str
+  n_groups: int = 0
+  permute: bool = False
+  perm_source: Optional[str] = None   # the point whose FP per-dim ranges define the permutation
+
+
+def split_name(name: str) -> tuple[str, str, Optional[int]]:
+  """Point name -> (kind, base, layer).
+
+  'wq3' -> ('weight', 'q', 3); 'Et' -> ('weight', 'Et', None); 'h3' -> ('act', 'h', 3).
+  """
+  if name in ALL_TABLES:
+    return 'weight', name, None
+  m = KEY_RE.match(name)
+  if not m:
+    raise ValueError(f'not a quantization point name: {name!r}')
+  base, idx = m.group(1), m.group(2)
+  layer = None if idx is None else int(idx)
+  if base.startswith('w') and base[1:] in WEIGHTED:
+    return 'weight', base[1:], layer
+  return 'act', base, layer
+
+
+@dataclasses.dataclass(frozen=True)
+class Rules:
+  """The resolved quantization setup of one model; hashable (a Flax module attribute)."""
+  model_type: str
+  num_layers: int
+  final_ln: str
+  n_bits: int
+  n_bits_act: int
+  symmetric_weights: bool
+  symmetric_acts: bool
+  per_channel: bool
+  ranges_weights: str
+  ranges_acts: str
+  act_default: Override
+  quant_setup: str
+  overrides: tuple
+  permute_shared_h: bool
+  percentile: float
+  momentum: float
+  mse_search: str
+  num_candidates: int
+  dynamic: bool
+  int8: bool
+
+  @classmethod
+  def build(cls, qcfg, model_cfg) -> 'Rules':
+    validate_quant_config(qcfg)
+    g = lambda f: _get(qcfg, f)
+    mtype = model_cfg.model_type
+    nl = int(model_cfg.num_layers)
+    if mtype == 'bert':
+      final_ln = f'z{nl - 1}'
+    elif model_cfg.do_layer_norm_before:
+      final_ln = 'fln'
+    else:
+      final_ln = f'x{nl - 1}'
+    pct = float(g('percentile'))
+    return cls(
+        model_type=mtype, num_layers=nl, final_ln=final_ln, n_bits=int(g('n_bits')),
+        n_bits_act=int(g('n_bits_act')), symmetric_weights=g('qmethod') == 'symmetric_uniform',
+        symmetric_acts=g('qmethod_acts') == 'symmetric_uniform', per_channel=bool(g('per_channel')),
+        ranges_weights=g('ranges_weights'), ranges_acts=g('ranges_acts'),
+        act_default=parse_granularity(g('act_granularity')), quant_setup=g('quant_setup'),
+        overrides=parse_quant_dict(g('quant_dict')), permute_shared_h=bool(g('permute_shared_h')),
+        percentile=pct if pct > 0 else 99.999, momentum=float(g('momentum')),
+        mse_search=g('mse_search'), num_candidates=int(g('num_candidates')),
+        dynamic=bool(g('dynamic')), int8=bool(g('int8')))
+
+  # -- per point ---------------------------------------------------------------------------
+  @functools.lru_cache(maxsize=None)
+  def spec(self, name: str) -> PointSpec:
+    kind, base, layer = split_name(name)
+    if kind == 'weight':
+      return self._weight_spec(name, base, layer)
+    return self._act_spec(name, base, layer)
+
+  def _matching(self, keys):
+    """Overrides whose (base, layer) is in `keys`, least specific first (keys are ranked)."""
+    out = []
+    for rank, key in enumerate(keys):
+      for b, l, ov in self.overrides:
+        if (b, l) == key:
+          out.append(ov)
+    return out
+
+  def _weight_spec(self, name, base, layer) -> PointSpec:
+    enabled = True
+    bits = self.n_bits
+    if self.quant_setup.startswith('fp32_head') and base in HEAD:
+      enabled = False
+    wb = base if base in ALL_TABLES else 'w' + base
+    keys = [('L', None), (wb, None), ('L', layer), (wb, layer)] if layer is not None else \
+           [(wb, None)]
+    for ov in self._matching(keys):
+      if ov.enabled is not None:
+        enabled = ov.enabled
+      if ov.bits is not None:
+        bits = ov.bits
+    gran = 'per_channel' if self.per_channel else 'per_tensor'
+    return PointSpec(name=name, kind='weight', enabled=enabled, n_bits=bits,
+                     symmetric=self.symmetric_weights, granularity=gran,
+                     estimator=self.ranges_weights)
+
+  def _act_spec(self, name, base, layer) -> PointSpec:
+    enabled, bits, est = True, self.n_bits_act, self.ranges_acts
+    d = self.act_default
+    gran, ng, perm = d.granularity or 'per_tensor', d.n_groups, d.permute
+    setup = self.quant_setup
+    if setup.startswith('fp32_head') and base in HEAD:
+      enabled = False
+    if setup == 'fp32_head+int16_final_LN' and name == self.final_ln:
+      bits = 16
+    if setup == 'fp32_head+int16_all_LN' and base in LN_ACTS and base not in HEAD:
+      bits = 16
+    if base in LOGITS:
+      if setup == 'FP_logits':
+        enabled = False
+      elif setup == 'MSE_logits':
+        est = 'mse'
+      elif setup == 'CE_logits':
+        est = 'cross_entropy'
+    keys = ([('L', None), (base, None), ('L', layer), (base, layer)] if layer is not None
+            else [(base, None)])
+    for ov in self._matching(keys):
+      if ov.enabled is not None:
+        enabled = ov.enabled
+      if ov.bits is not None:
+        bits = ov.bits
+      if ov.granularity is not None:
+        gran, ng, perm = ov.granularity, ov.n_groups, ov.permute
+    if gran == 'per_tensor':
+      ng, perm = 0, False
+    source = None
+    if gran == 'groups' and perm:
+      shared = self.permute_shared_h and layer is not None and base in ('x', 'h', 'y')
+      source = f'h{layer}' if shared else name
+    return PointSpec(name=name, kind='act', enabled=enabled, n_bits=bits,
+                     symmetric=self.symmetric_acts, granularity=gran, estimator=est,
+                     n_groups=ng, permute=perm, perm_source=source)
+
+  # -- model-wide ----------------------------------------------------------------------------
+  def act_points(self) -> tuple[str, ...]:
+    """Every activation point of this model type (head points of all heads included)."""
+    t = self.model_type
+    names = list(GLOBAL_ACTS[t])
+    for i in range(self.num_layers):
+      names += [f'{b}{i}' for b in LAYER_ACTS[t]]
+    return tuple(names)
+
+  def weight_points(self) -> tuple[str, ...]:
+    names = list(TABLES[self.model_type])
+    for n in self.act_points():
+      kind, base, layer = split_name(n)
+      if base in WEIGHTED:
+        names.append('w' + n)
+    return tuple(names)
+
+  @functools.lru_cache(maxsize=None)
+  def stats_points(self) -> frozenset:
+    """Points whose FP per-dimension ranges the permutation pass must collect."""
+    return frozenset(self.spec(n).perm_source for n in self.act_points()
+                     if self.spec(n).perm_source is not None)
+
+  @property
+  def needs_permutation(self) -> bool:
+    return bool(self.stats_points())
+
+  def table(self) -> list[PointSpec]:
+    return [self.spec(n) for n in self.weight_points() + self.act_points()]
+
+
+def describe(rules: Rules, only_changed: bool = True) -> str:
+  """A readable table of the resolved points (those differing from the plain default)."""
+  rows = []
+  for s in rules.table():
+    base_bits = rules.n_bits if s.kind == 'weight' else rules.n_bits_act
+    default_gran = ('per_channel' if rules.per_channel else 'per_tensor') if s.kind == 'weight' \
+        else (rules.act_default.granularity or 'per_tensor')
+    changed = (not s.enabled or s.n_bits != base_bits or s.granularity != default_gran
+               or s.estimator != (rules.ranges_weights if s.kind == 'weight' else
+                                  rules.ranges_acts))
+    if only_changed and not changed:
+      continue
+    if not s.enabled:
+      what = 'fp32'
+    else:
+      what = f'{s.n_bits}b {s.granularity}'
+      if s.granularity == 'groups':
+        what += f'({s.n_groups}{", permuted by " + s.perm_source if s.permute else ""})'
+      what += f' {s.estimator}'
+    rows.append(f'  {s.name:>6}  {what}')
+  return '\n'.join(rows)

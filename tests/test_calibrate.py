@@ -1,0 +1,213 @@
+"""Calibration on tiny random models: W8A8 close to FP, frozen ranges, padding excluded,
+planted activation outliers (per-tensor degrades; PEG and W8A{8,16} recover)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from oqt_jax import models, quant
+
+SEQ, BATCH, VOCAB = 16, 4, 100
+
+
+def _cfg(model_type='bert', **kw):
+  base = dict(model_type=model_type, vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4,
+              intermediate_size=64, max_position_embeddings=32,
+              activation='gelu' if model_type == 'bert' else 'relu')
+  base.update(kw)
+  return models.ModelConfig(**base)
+
+
+def _batches(n, seed=0, pad_from=None, rows=BATCH):
+  rng = np.random.default_rng(seed)
+  out = []
+  for _ in range(n):
+    ids = rng.integers(3, VOCAB, (rows, SEQ)).astype(np.int32)
+    mask = np.ones((rows, SEQ), np.int32)
+    if pad_from is not None:
+      mask[:, pad_from:] = 0
+      mask[0, :] = 1                      # one full row so all positions stay exercised
+      ids[mask == 0] = 0
+    out.append({'input_ids': ids, 'attention_mask': mask,
+                'token_type_ids': np.zeros_like(ids)})
+  return out
+
+
+def _rel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+_apply = jax.jit(lambda m, v, b: m.apply(v, b['input_ids'], attention_mask=b['attention_mask']),
+                 static_argnums=0)
+
+
+@pytest.fixture(scope='module')
+def bert():
+  model = models.build(_cfg())
+  variables = models.init_variables(model, jax.random.PRNGKey(0), seq_len=SEQ)
+  return model, variables
+
+
+@pytest.fixture(scope='module')
+def calibrated(bert):
+  model, variables = bert
+  cal = _batches(3, seed=1, pad_from=12)
+  qmodel, qvars = quant.calibrate(model, variables, cal, quant.config(est_num_batches=3))
+  return qmodel, qvars, cal
+
+
+def test_w8a8_close_to_fp(bert, calibrated):
+  model, variables = bert
+  qmodel, qvars, _ = calibrated
+  test = _batches(1, seed=7)[0]
+  fp = _apply(model, variables, test).logits
+  q = _apply(qmodel, qvars, test).logits
+  err = _rel(q, fp)
+  assert 1e-4 < err < 0.06, err           # quantized (not a no-op), yet close
+  assert qmodel.quant.mode == 'frozen'
+  assert type(_apply(qmodel, qvars, test)) is type(_apply(model, variables, test))
+
+
+def test_quant_collection_holds_frozen_ranges(calibrated):
+  qmodel, qvars, cal = calibrated
+  ranges = quant.quant_ranges(qvars)
+  for name in ('e', 'eln', 'q0', 's0', 'p0', 'c0', 'g0', 'u0', 'x0', 'f0', 'h0', 'y0', 'z0',
+               'z1', 'Mt', 'Mln', 'M', 'Et', 'wq0', 'wf1', 'wM'):
+    assert name in ranges, name
+    lo, hi = ranges[name]
+    assert np.all(hi > lo), name
+  h0 = qvars['quant']['encoder_layer_0']['output']['h0']
+  assert int(h0['n']) == 3                 # est_num_batches updates, then frozen
+  # Frozen: applying again (even with the collection mutable) changes nothing.
+  _, upd = jax.jit(lambda v, b: qmodel.apply(v, b['input_ids'], attention_mask=b['attention_mask'],
+                                             mutable=['quant']))(qvars, _batches(1, seed=9)[0])
+  same = jax.tree_util.tree_map(lambda a, b: bool(jnp.array_equal(a, b)), upd['quant'],
+                                qvars['quant'])
+  assert all(jax.tree_util.tree_leaves(same))
+  # Probabilities' range is within [0, 1]; the weight ranges are the weights' own.
+  p_lo, p_hi = ranges['p0']
+  assert 0.0 <= p_lo and p_hi <= 1.0 + 1e-6
+
+
+def test_padding_never_enters_ranges(bert, calibrated):
+  model, variables = bert
+  _, qvars, cal = calibrated
+  changed = []
+  rng = np.random.default_rng(5)
+  for b in cal:
+    b = dict(b)
+    ids = b['input_ids'].copy()
+    pad = b['attention_mask'] == 0
+    ids[pad] = rng.integers(3, VOCAB, int(pad.sum()))     # other tokens at padded positions
+    b['input_ids'] = ids
+    changed.append(b)
+  _, qvars2 = quant.calibrate(model, variables, changed, quant.config(est_num_batches=3))
+  r1, r2 = quant.quant_ranges(qvars), quant.quant_ranges(qvars2)
+  for name in r1:
+    np.testing.assert_allclose(r1[name][0], r2[name][0], rtol=1e-6, atol=1e-7, err_msg=name)
+    np.testing.assert_allclose(r1[name][1], r2[name][1], rtol=1e-6, atol=1e-7, err_msg=name)
+  # Control: the same tokens counted as valid do move the ranges.
+  valid = [dict(b, attention_mask=np.ones_like(b['attention_mask'])) for b in changed]
+  _, qvars3 = quant.calibrate(model, variables, valid, quant.config(est_num_batches=3))
+  r3 = quant.quant_ranges(qvars3)
+  assert any(not np.allclose(r1[n][1], r3[n][1]) for n in ('e', 'y0', 'h1'))
+
+
+def test_dynamic_mode(bert):
+  model, variables = bert
+  qmodel, qvars = quant.calibrate(model, variables, _batches(2), quant.config(dynamic=True))
+  assert qmodel.quant.mode == 'dynamic'
+  assert int(qvars['quant']['encoder_layer_0']['output']['h0']['n']) == 0   # never estimated
+  test = _batches(1, seed=7)[0]
+  err = _rel(_apply(qmodel, qvars, test).logits, _apply(model, variables, test).logits)
+  assert 1e-4 < err < 0.06, err
+
+
+def test_opt_w8a8_recipe_close_to_fp():
+  model = models.build(_cfg('opt', word_embed_proj_dim=16))      # with project_in / out
+  variables = models.init_variables(model, jax.random.PRNGKey(1), seq_len=SEQ)
+  qcfg = quant.config(ranges_weights='mse', quant_setup='fp32_head', est_num_batches=2)
+  cal = [{k: v for k, v in b.items() if k != 'token_type_ids'} for b in _batches(2, pad_from=10)]
+  qmodel, qvars = quant.calibrate(model, variables, cal, qcfg)
+  test = _batches(1, seed=3)[0]
+  err = _rel(_apply(qmodel, qvars, test).logits, _apply(model, variables, test).logits)
+  assert 1e-4 < err < 0.06, err
+  assert 'M' not in quant.quant_ranges(qvars)          # fp32 head: logits not quantized
+  for name in ('y1', 'a0', 'x1', 'fln', 'pin', 'pout', 'e', 'Et', 'Ep', 'wq0'):
+    assert name in quant.quant_ranges(qvars), name
+
+
+def test_bert_cls_head_with_gate_and_clipped_softmax():
+  cfg = _cfg(num_layers=1, head='cls', num_labels=3, gate='conditional_per_token',
+             softmax='clipped(-.025:1)')
+  model = models.build(cfg)
+  variables = models.init_variables(model, jax.random.PRNGKey(2), seq_len=SEQ)
+  qmodel, qvars = quant.calibrate(model, variables, _batches(2, pad_from=12),
+                                  quant.config(quant_setup='MSE_logits', est_num_batches=2))
+  test = _batches(1, seed=4)[0]
+  out, ref = _apply(qmodel, qvars, test), _apply(model, variables, test)
+  assert out.logits.shape == (BATCH, 3) and _rel(out.logits, ref.logits) < 0.25   # ~0.01 logits
+  assert _rel(out.pooler_output, ref.pooler_output) < 0.05
+  ranges = quant.quant_ranges(qvars)
+  assert {'P', 'C', 'wP', 'wC', 'c0'} <= set(ranges)
+  assert not any('gate' in str(path) for path in
+                 jax.tree_util.tree_flatten_with_path(qvars['quant'])[0])   # gates not quantized
+
+
+# ---- planted outliers --------------------------------------------------------------------------
+SEP, OUTLIER_DIMS, NEURON = 2, [3, 11], 7
+
+
+def _planted_bert():
+  """A random one-layer BERT whose FFN writes ~250 into two hidden dims at [SEP] tokens only.
+
+  [SEP]'s embedding has a distinctive dim 0; one FFN neuron fires only on it and its output
+  weights put the outlier into OUTLIER_DIMS of the FFN output h, hence of the residual sum y.
+  Weights are quantized per channel here, so the planted weights are not weight outliers.
+  """
+  model = models.build(_cfg(num_layers=1))
+  variables = models.init_variables(model, jax.random.PRNGKey(0), seq_len=SEQ)
+  p = jax.tree_util.tree_map(np.array, variables['params'])
+  emb = p['word_embeddings']['embedding']
+  emb[:] = np.random.default_rng(1).normal(size=emb.shape)
+  emb[SEP, 0] = 8.0
+  layer = p['encoder_layer_0']
+  layer['intermediate']['kernel'][:, NEURON] = 0.0
+  layer['intermediate']['kernel'][0, NEURON] = 4.0
+  layer['intermediate']['bias'][NEURON] = -17.6
+  layer['output']['kernel'][NEURON, OUTLIER_DIMS] = 200.0
+  return model, {'params': p}
+
+
+def _sep_batches(n, seed):
+  out = _batches(n, seed=seed)
+  for b in out:
+    b['input_ids'][:, 7] = SEP
+    b['input_ids'][:, -1] = SEP
+  return out
+
+
+def test_planted_outliers_degrade_per_tensor_and_peg_or_mixed_precision_recover():
+  model, variables = _planted_bert()
+  cal, test = _sep_batches(3, seed=1), _sep_batches(2, seed=2)
+  test = {k: np.concatenate([b[k] for b in test]) for k in test[0]}
+  fo = jax.jit(lambda v, b: model.apply(v, b['input_ids'], attention_mask=b['attention_mask'],
+                                        mutable=['intermediates']))(variables, test)
+  h0 = np.asarray(fo[1]['intermediates']['encoder_layer_0']['ffn_output'][0])
+  normal = np.abs(np.delete(h0, OUTLIER_DIMS, -1)).max()
+  assert np.abs(h0[..., OUTLIER_DIMS]).max() > 100 > 20 * normal
+  fp = fo[0].logits
+
+  def err(**kw):
+    qm, qv = quant.calibrate(model, variables, cal,
+                             quant.config(est_num_batches=3, per_channel=True, **kw))
+    return _rel(_apply(qm, qv, test).logits, fp)
+
+  per_tensor = err()
+  peg = err(quant_dict="{'x': 'ngp16', 'h': 'ngp16', 'y': 'ngp16'}")
+  mixed = err(quant_dict="{'x': 16, 'h': 16, 'y': 16}")
+  print(f'planted outliers: per-tensor {per_tensor:.4f}  PEG {peg:.4f}  W8A{{8,16}} {mixed:.4f}')
+  assert per_tensor > 0.15
+  assert per_tensor > 2.0 * peg
+  assert per_tensor > 5.0 * mixed
