@@ -97,6 +97,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.seed = 1000
   c.num_train_steps = 1_000_000
   c.per_device_batch_size = 32
+  c.global_batch_size = -1         # > 0: fixed global batch per micro-step whatever the device count
   c.eval_batch_size = 32
   c.num_eval_batches = 50
   c.gradient_accumulation_steps = 1

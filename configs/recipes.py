@@ -17,6 +17,7 @@ def bert_base():
   c.data.mlm_probability = 0.15
   c.learning_rate, c.warmup_steps, c.num_train_steps = 1e-4, 10_000, 1_000_000
   c.per_device_batch_size, c.eval_batch_size = 256, 32
+  c.global_batch_size = 256               # the paper's batch, whatever the device count
   c.weight_decay, c.max_grad_norm, c.adam_b1, c.adam_b2 = 0.01, 1.0, 0.9, 0.999
   c.checkpoint_every_steps, c.eval_every_steps = 100_000, 10_000
   c.quant.ranges_weights, c.quant.est_num_batches, c.quant.quant_setup = 'current_minmax', 16, 'all'
@@ -33,6 +34,7 @@ def _opt(hidden, layers, heads, ffn, max_pos, batch, accum, steps):
   c.data.source, c.data.tokenizer, c.data.block_size = 'bookcorpus_and_wiki', 'facebook/opt-350m', 512
   c.learning_rate, c.warmup_steps, c.num_train_steps = 4e-4, 2000, steps
   c.per_device_batch_size, c.gradient_accumulation_steps, c.eval_batch_size = batch, accum, 4
+  c.global_batch_size = batch             # x accum = the paper's batch, whatever the device count
   c.weight_decay, c.decay_layer_norm, c.max_grad_norm = 0.1, True, 1.0
   c.adam_b1, c.adam_b2 = 0.9, 0.95
   c.checkpoint_every_steps, c.eval_every_steps = 10_000, 10_000
@@ -94,6 +96,7 @@ def tiny(c):
   c.data.max_seq_length, c.data.block_size = 128, 128
   c.num_train_steps, c.warmup_steps, c.learning_rate = 600, 60, 1e-3
   c.per_device_batch_size, c.gradient_accumulation_steps, c.eval_batch_size = 16, 1, 16
+  c.global_batch_size = -1
   c.num_eval_batches = 8
   c.checkpoint_every_steps, c.eval_every_steps, c.log_every_steps = 200, 200, 20
   c.quant.est_num_batches = 4

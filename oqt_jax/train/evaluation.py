@@ -1,0 +1,130 @@
+"""Periodic evaluation during training: `evaluate(state, config, ds) -> dict`.
+
+This is the hook the training loop calls every `eval_every_steps` and at the end; whatever
+keys it returns are written to TensorBoard and metrics.jsonl (kind 'eval'). It computes the
+validation loss (the head's loss: MLM or CLM, see losses.py) and perplexity = exp(loss).
+
+Extending it (outlier metrics, ...): add a function with the signature of `_loss_metrics`
+below to EVAL_METRIC_FNS (or call `register_eval_metrics(fn)`); each gets
+(state, config, ds, batches, mesh) and returns a dict merged into the result. `batches` is a
+list of this process's host (numpy) eval batches, padded to a fixed shape so every jitted
+function compiles once; `device_eval_batch(b, mesh)` turns one into global device arrays.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable, Iterable, Mapping, Optional
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from oqt_jax import models
+from oqt_jax.errors import ConfigError
+from oqt_jax.train import losses
+from oqt_jax.train import sharding as shd
+from oqt_jax.train.step import make_eval_step
+
+BATCH_KEYS = ('input_ids', 'attention_mask', 'token_type_ids', 'labels')
+PAD_VALUES = {'labels': losses.IGNORE_INDEX}
+
+
+def pad_batch(batch: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+  """Keep the model/loss keys and pad to `rows` rows (padding rows: mask 0, labels -100)."""
+  out = {}
+  for k in BATCH_KEYS:
+    if k not in batch:
+      continue
+    v = np.asarray(batch[k])
+    n = v.shape[0]
+    if n < rows:
+      pad = np.full((rows - n,) + v.shape[1:], PAD_VALUES.get(k, 0), v.dtype)
+      v = np.concatenate([v, pad], axis=0)
+    out[k] = v
+  return out
+
+
+def mesh_of(tree) -> Mesh:
+  for leaf in jax.tree.leaves(tree):
+    sh = getattr(leaf, 'sharding', None)
+    if hasattr(sh, 'mesh'):
+      return sh.mesh
+  raise ValueError('cannot find a mesh: pass mesh=')
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_eval_step(apply_fn: Callable, head: str, model_type: str):
+  return make_eval_step(apply_fn, head, model_type)
+
+
+def eval_batches(config, ds, batch_size: Optional[int] = None,
+                 num_batches: Optional[int] = None) -> list[dict[str, np.ndarray]]:
+  """This process's rows of the eval batches (global size `batch_size`, default
+  config.eval_batch_size), padded to a fixed row count so each jitted function compiles once.
+  Padding rows have attention_mask 0 and labels -100."""
+  pc, pi = jax.process_count(), jax.process_index()
+  bs = int(batch_size or config.eval_batch_size)
+  if bs % pc:
+    raise ConfigError(f'eval_batch_size={bs}: must be divisible by the {pc} processes')
+  n = config.get('num_eval_batches', 0) if num_batches is None else num_batches
+  n = None if not n or n <= 0 else int(n)
+  local = bs // pc
+  it = (ds.eval_batches(local, num_batches=n) if pc == 1 else
+        ds.eval_batches(local, num_batches=n, process_index=pi, process_count=pc))
+  return [pad_batch(b, local) for b in it]
+
+
+def device_eval_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Host eval batch (this process's rows) -> global arrays: sharded over (data, fsdp) when
+  the global batch divides evenly, else replicated (single process only)."""
+  rows = next(iter(batch.values())).shape[0] * jax.process_count()
+  if rows % shd.batch_shards(mesh) == 0:
+    return shd.global_batch(batch, mesh, global_shape_dim0=rows)
+  if jax.process_count() > 1:
+    raise ConfigError(f'eval_batch_size={rows}: must be divisible by data*fsdp='
+                      f'{shd.batch_shards(mesh)} in a multi-process run')
+  return shd.replicated_batch(batch, mesh)
+
+
+def _loss_metrics(state, config, ds, batches: Iterable[Mapping[str, np.ndarray]], mesh: Mesh
+                  ) -> dict[str, Any]:
+  mcfg = models.from_config(config.model)
+  step_fn = _cached_eval_step(state.apply_fn, mcfg.resolved_head, mcfg.model_type)
+  total, count, n = 0.0, 0.0, 0
+  for b in batches:
+    s, c = step_fn(state.params, device_eval_batch(b, mesh))
+    total += float(s)
+    count += float(c)
+    n += 1
+  loss = total / max(count, 1.0)
+  ppl = math.exp(loss) if loss < 700 else float('inf')
+  return {'eval_loss': loss, 'eval_perplexity': ppl, 'eval_tokens': int(count),
+          'eval_batches': n}
+
+
+EVAL_METRIC_FNS: list[Callable[..., dict]] = [_loss_metrics]
+
+
+def register_eval_metrics(fn: Callable[..., dict]) -> Callable[..., dict]:
+  """Add fn(state, config, ds, batches, mesh) -> dict to what `evaluate` reports."""
+  if fn not in EVAL_METRIC_FNS:
+    EVAL_METRIC_FNS.append(fn)
+  return fn
+
+
+def evaluate(state, config, ds, *, num_batches: Optional[int] = None,
+             batch_size: Optional[int] = None, mesh: Optional[Mesh] = None) -> dict[str, Any]:
+  """Validation metrics of `state` on `ds` (eval_loss, eval_perplexity, eval_tokens, ...).
+
+  state: a TrainState (uses .params and .apply_fn); config: the run's config (model fields
+  as trained, e.g. vocab_size after the tokenizer); ds: a dataset with
+  `eval_batches(batch_size, num_batches)`; num_batches defaults to config.num_eval_batches
+  (<= 0: the whole validation split).
+  """
+  mesh = mesh or mesh_of(state.params)
+  batches = eval_batches(config, ds, batch_size, num_batches)
+  out: dict[str, Any] = {}
+  for fn in EVAL_METRIC_FNS:
+    out.update(fn(state, config, ds, batches, mesh))
+  return out
