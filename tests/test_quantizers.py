@@ -16,20 +16,8 @@ BITS = range(2, 17)
 
 def np_qdq(x, b, symmetric, x_min, x_max):
   """REFERENCE section 2 in float32 NumPy, same operation order as the JAX code."""
-  x = np.asarray(x, F32)
-  x_min = np.minimum(np.asarray(x_min, F32), F32(0))
-  x_max = np.maximum(np.asarray(x_max, F32), EPS)
-  if symmetric:
-    signed = bool((x_min < 0).any())
-    q_min, q_max = (F32(-2 ** (b - 1)), F32(2 ** (b - 1) - 1)) if signed else (F32(0),
-                                                                                F32(2 ** b - 1))
-    s = np.maximum(np.maximum(np.abs(x_min), x_max) / q_max, EPS)
-    z = np.zeros_like(s)
-  else:
-    q_min, q_max = F32(0), F32(2 ** b - 1)
-    s = np.maximum((x_max - x_min) / q_max, EPS)
-    z = np.clip(np.round(-x_min / s), q_min, q_max)
-  return s * (np.clip(np.round(x / s) + z, q_min, q_max) - z)
+  codes, q_min, q_max, s, z = np_int_codes(x, b, symmetric, x_min, x_max)
+  return s * (np.clip(codes, q_min, q_max) - z)
 
 
 def np_int_codes(x, b, symmetric, x_min, x_max):
