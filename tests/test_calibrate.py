@@ -72,7 +72,7 @@ def test_w8a8_close_to_fp(bert, calibrated):
 def test_quant_collection_holds_frozen_ranges(calibrated):
   qmodel, qvars, cal = calibrated
   ranges = quant.quant_ranges(qvars)
-  for name in ('e', 'eln', 'q0', 's0', 'p0', 'c0', 'g0', 'u0', 'x0', 'f0', 'h0', 'y0', 'z0',
+  for name in ('ewt', 'e', 'eln', 'q0', 's0', 'p0', 'c0', 'g0', 'u0', 'x0', 'f0', 'h0', 'y0', 'z0',
                'z1', 'Mt', 'Mln', 'M', 'Et', 'wq0', 'wf1', 'wM'):
     assert name in ranges, name
     lo, hi = ranges[name]
@@ -136,6 +136,37 @@ def test_opt_w8a8_recipe_close_to_fp():
   assert 'M' not in quant.quant_ranges(qvars)          # fp32 head: logits not quantized
   for name in ('y1', 'a0', 'x1', 'fln', 'pin', 'pout', 'e', 'Et', 'Ep', 'wq0'):
     assert name in quant.quant_ranges(qvars), name
+
+
+@pytest.mark.parametrize('model_type', ['bert', 'opt'])
+def test_context_quantized_after_gate_bert_before_gate_opt(model_type):
+  # A gate of ~1e-6: the context after the gate is ~1e-6 of the one before it. The originals
+  # quantize BERT's context after the gate, OPT's (quantized_opt.py) before it.
+  model = models.build(_cfg(model_type, num_layers=1, gate='conditional_per_token',
+                            gate_init=1e-6))
+  variables = models.init_variables(model, jax.random.PRNGKey(4), seq_len=SEQ)
+  cal = _batches(1)
+  if model_type == 'opt':
+    cal = [{k: v for k, v in b.items() if k != 'token_type_ids'} for b in cal]
+  _, qvars = quant.calibrate(model, variables, cal, quant.config(est_num_batches=1))
+  _, hi = quant.quant_ranges(qvars)['c0']
+  if model_type == 'opt':
+    assert float(hi) > 1e-3, hi
+  else:
+    assert float(hi) < 1e-4, hi
+
+
+def test_et_override_uses_mse_golden_for_the_word_table():
+  # The originals switch the word embeddings to an MSE (golden-section) range whenever 'Et'
+  # is in quant_dict.
+  from oqt_jax.quant import estimators
+  hooks = quant.QuantHooks.build(quant.config(quant_dict="{'Et': 4}"), _cfg())
+  w = jax.random.normal(jax.random.PRNGKey(0), (VOCAB, 32)) * 0.02
+  state, _ = hooks.weight_state('Et', w)
+  ref = estimators.update('mse', estimators.init_state(()), w, n_bits=4, symmetric=True,
+                          mse_search='golden')
+  np.testing.assert_allclose(state['x_max'], ref['x_max'], rtol=1e-6)
+  assert float(state['x_max']) < float(jnp.max(jnp.abs(w))) * 0.99   # clipped, not min/max
 
 
 def test_bert_cls_head_with_gate_and_clipped_softmax():

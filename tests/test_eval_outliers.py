@@ -17,14 +17,14 @@ def np_inf_norm(x, mask):
 
 
 def np_kurtosis(x, mask):
-  """Mean over valid token rows of mean((r - mu)^4) / (std^4 + 1e-6), population std."""
+  """Mean over sequences of mean((r - mu)^4) / (std^4 + 1e-6), r = the sequence's valid
+  entries flattened (valid T x D, as the originals' x.view(B, -1)), population std."""
   vals = []
   for b in range(x.shape[0]):
-    for t in range(x.shape[1]):
-      if mask[b, t]:
-        r = x[b, t].astype(np.float64)
-        d = r - r.mean()
-        vals.append(np.mean(d ** 4) / (np.std(r) ** 4 + 1e-6))
+    if mask[b].any():
+      r = x[b][mask[b].astype(bool)].astype(np.float64).ravel()
+      d = r - r.mean()
+      vals.append(np.mean(d ** 4) / (np.std(r) ** 4 + 1e-6))
   return float(np.mean(vals))
 
 
@@ -48,11 +48,31 @@ def test_kurtosis_is_pearson():
   assert np.allclose(outliers.kurtosis_per_row(jnp.asarray(row)), 1.0 / (1.0 + 1e-6))
 
 
+def test_kurtosis_is_per_sequence_not_per_token():
+  # One spike in a (T=64, D=8) sequence: a per-token kurtosis is bounded by D = 8, the
+  # originals' per-sequence one (over T x D entries) is not. (Paper: BERT avg kurtosis 3076
+  # with D = 768.)
+  x = np.zeros((1, 64, 8), np.float32)
+  x[0, :, :] = np.random.default_rng(0).normal(size=(64, 8)) * 0.01
+  x[0, 3, 5] = 100.0
+  mask = np.ones((1, 64), bool)
+  k = float(outliers.kurtosis_per_sequence(jnp.asarray(x), jnp.asarray(mask))[0])
+  assert k > 100.0 and k == pytest.approx(np_kurtosis(x, mask), rel=1e-4)
+  assert float(jnp.max(outliers.kurtosis_per_row(jnp.asarray(x)))) <= 8.0
+  sums = outliers.tensor_sums(x, mask, jnp.ones((1,)))
+  assert float(sums['kurt_sum'] / sums['n_seq']) == pytest.approx(k, rel=1e-6)
+  # Padding is left out of the sequence's statistics.
+  x2 = np.concatenate([x, np.full((1, 4, 8), 1e3, np.float32)], 1)
+  m2 = np.concatenate([mask, np.zeros((1, 4), bool)], 1)
+  k2 = float(outliers.kurtosis_per_sequence(jnp.asarray(x2), jnp.asarray(m2))[0])
+  assert k2 == pytest.approx(k, rel=1e-5)
+
+
 def test_tensor_metrics_match_numpy():
   x, mask = _known()
   sums = jax.jit(outliers.tensor_sums)(x, mask, jnp.ones((3,)))
   inf = float(sums['inf_sum'] / sums['n_seq'])
-  kurt = float(sums['kurt_sum'] / sums['n_rows'])
+  kurt = float(sums['kurt_sum'] / sums['n_seq'])
   assert inf == pytest.approx(np_inf_norm(x, mask), rel=1e-6)
   assert kurt == pytest.approx(np_kurtosis(x, mask), rel=1e-5)
   assert inf == pytest.approx((40.0 + np.abs(x[1, :3]).max() + 7.0) / 3, rel=1e-6)
@@ -61,7 +81,9 @@ def test_tensor_metrics_match_numpy():
   keep = mask.copy()
   keep[1] = False
   assert float(sums0['inf_sum'] / sums0['n_seq']) == pytest.approx(np_inf_norm(x, keep), rel=1e-6)
-  assert float(sums0['n_rows']) == keep.sum()
+  assert float(sums0['n_seq']) == 2
+  assert float(sums0['kurt_sum'] / sums0['n_seq']) == pytest.approx(np_kurtosis(x, keep),
+                                                                      rel=1e-5)
 
 
 def test_finalize_per_layer_and_summary():
@@ -91,6 +113,26 @@ def test_finalize_per_layer_and_summary():
   assert m['max_kurtosis'] == pytest.approx(max(all_k), rel=1e-4)
   assert m['global']['final_ln_output']['inf_norm'] == pytest.approx(np_inf_norm(x, mask), rel=1e-6)
   assert m['perplexity'] is None
+
+
+def test_bert_kurtosis_only_of_ffn_output_and_ln_output():
+  # validate_mlm.py: kurtosis of the FFN output and the LN output; the residual sum (LN
+  # input) reports its inf norm only and stays out of avg / max kurtosis.
+  x, mask = _known()
+  w = jnp.ones((3,))
+  tensors = {'L0/ffn_output': x, 'L0/ffn_residual': x * 0 + np.arange(8, dtype=np.float32),
+             'L0/ffn_ln_output': 2 * x + 1}
+  tensors['L0/ffn_residual'][0, 0, 0] = 1e4       # a huge kurtosis that must not count
+  sums = {k: outliers.tensor_sums(v, mask, w, kurtosis=not k.endswith('ffn_residual'))
+          for k, v in tensors.items()}
+  m = outliers.finalize(sums, 'bert', 1)
+  assert 'kurtosis' not in m['per_layer'][0]['ffn_residual']
+  assert m['per_layer'][0]['ffn_residual']['inf_norm'] == pytest.approx(
+      np_inf_norm(tensors['L0/ffn_residual'], mask), rel=1e-6)
+  ks = [np_kurtosis(tensors[k], mask) for k in ('L0/ffn_output', 'L0/ffn_ln_output')]
+  assert m['avg_kurtosis'] == pytest.approx(np.mean(ks), rel=1e-4)
+  assert m['max_kurtosis'] == pytest.approx(max(ks), rel=1e-4)
+  assert outliers.KURTOSIS_TENSORS['bert'] == ('ffn_output', 'ffn_ln_output')
 
 
 def test_lm_loss_sums_mlm_and_clm():
@@ -152,5 +194,6 @@ def test_evaluate_end_to_end_matches_direct_computation():
   assert m['perplexity'] == pytest.approx(math.exp(nll.mean()), rel=1e-4)
   assert m['num_tokens'] == int(sel.sum())
   assert set(m) >= {'perplexity', 'max_inf_norm', 'avg_kurtosis', 'max_kurtosis', 'per_layer'}
+  assert 'kurtosis' not in m['per_layer'][0]['ffn_residual']     # end to end, too
   table = outliers.format_table(m, 'bert')
   assert table.count('\n') == 2 and 'ffn inf' in table

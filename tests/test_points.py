@@ -41,7 +41,7 @@ def test_bert_setup_and_dict_resolution():
       'wh1': 'fp32', 'wx0': '8 per_channel', 'weln': '8 per_channel',
       'wC': 'fp32', 'wP': 'fp32', 'wMt': 'fp32', 'wMln': 'fp32', 'wM': 'fp32',
       # activations
-      'e': '8 per_tensor', 'eln': '8 per_tensor', 's0': '8 per_tensor', 'p2': '8 per_tensor',
+      'ewt': '8 per_tensor', 'e': '8 per_tensor', 'eln': '8 per_tensor', 's0': '8 per_tensor', 'p2': '8 per_tensor',
       'y0': '16 per_tensor', 'y1': 'fp32', 'y2': '16 per_tensor',
       'h0': '8 groups6p(h0)', 'h1': '8 groups6p(h1)', 'h2': '8 groups6p(h2)',
       'x0': '8 per_tensor', 'x1': 'fp32', 'x2': '8 per_embd',
@@ -54,6 +54,18 @@ def test_bert_setup_and_dict_resolution():
   assert r.spec('wq0').symmetric and not r.spec('h0').symmetric
   assert r.spec('h0').estimator == 'running_minmax'
   assert r.stats_points() == frozenset({'h0', 'h1', 'h2'})
+  # An 'Et' key switches the word table to MSE golden-section ranges (the originals).
+  assert (r.spec('Et').estimator, r.spec('Et').mse_search) == ('mse', 'golden')
+  assert r.spec('Ep').estimator == 'current_minmax' and r.spec('Ep').mse_search is None
+  assert quant.rules(quant.config(), _bert(1)).spec('Et').estimator == 'current_minmax'
+  # The final LN at 16 bits: its output and its gamma.
+  assert _summary(r, 'wz2') == '16 per_channel' and _summary(r, 'wz1') == 'fp32'
+  assert _summary(r, 'wz0') == '8 per_channel'
+  # 'e' drives both embedding-sum quantizers, as in the original.
+  r = quant.rules(quant.config(quant_dict="{'e': 16}"), _bert(1))
+  assert _summary(r, 'ewt') == '16 per_tensor' and _summary(r, 'e') == '16 per_tensor'
+  r = quant.rules(quant.config(quant_dict="{'e': 16, 'ewt': 'fp32'}"), _bert(1))
+  assert _summary(r, 'ewt') == 'fp32' and _summary(r, 'e') == '16 per_tensor'
 
 
 def test_layer_key_and_specificity_order():
@@ -68,14 +80,15 @@ def test_layer_key_and_specificity_order():
 
 def test_opt_setups():
   r = quant.rules(quant.config(quant_setup='fp32_head+int16_all_LN'), _opt(2))
-  for n in ('a0', 'x0', 'a1', 'x1', 'fln'):
+  for n in ('a0', 'x0', 'a1', 'x1', 'fln', 'wa0', 'wx0', 'wx1', 'wfln'):   # outputs and gammas
     assert _summary(r, n) == '16 per_tensor', n
-  for n in ('y1', 'u0', 'e', 'pin', 'Et', 'wx0'):
+  for n in ('y1', 'u0', 'e', 'pin', 'Et', 'wq0', 'wh1'):
     assert _summary(r, n) == '8 per_tensor', n
   assert _summary(r, 'M') == 'fp32' and _summary(r, 'wM') == 'fp32'
 
   r = quant.rules(quant.config(quant_setup='fp32_head+int16_final_LN'), _opt(2))
   assert _summary(r, 'fln') == '16 per_tensor' and _summary(r, 'x1') == '8 per_tensor'
+  assert _summary(r, 'wfln') == '16 per_tensor' and _summary(r, 'wx1') == '8 per_tensor'
   r = quant.rules(quant.config(quant_setup='fp32_head+int16_final_LN'), _opt(2, pre_ln=False))
   assert _summary(r, 'x1') == '16 per_tensor'        # post-LN: the last layer's LN is final
 
@@ -83,6 +96,7 @@ def test_opt_setups():
   assert _summary(r, 'M') == 'fp32' and _summary(r, 'wM') == '8 per_tensor'
   r = quant.rules(quant.config(quant_setup='MSE_logits'), _opt(2))
   assert r.spec('M').estimator == 'mse' and r.spec('y0').estimator == 'running_minmax'
+  assert r.spec('M').mse_search == 'golden'            # the original's MSE_logits search
   assert quant.rules(quant.config(quant_setup='CE_logits'), _bert(1)).spec('C').estimator == \
       'cross_entropy'
 

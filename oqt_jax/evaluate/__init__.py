@@ -5,7 +5,8 @@
   from oqt_jax.evaluate.run import evaluate_run                # what eval.py does
 """
 from oqt_jax.evaluate.outliers import (HEADLINE, TENSORS, evaluate, format_summary,
-                                       format_table, inf_norm_per_sequence, kurtosis_per_row)
+                                       format_table, inf_norm_per_sequence, kurtosis_per_row,
+                                       kurtosis_per_sequence)
 
 __all__ = ['HEADLINE', 'TENSORS', 'evaluate', 'format_summary', 'format_table',
-           'inf_norm_per_sequence', 'kurtosis_per_row']
+           'inf_norm_per_sequence', 'kurtosis_per_row', 'kurtosis_per_sequence']

@@ -27,8 +27,9 @@ def per_layer_plot(metrics: dict, model_type: str, path: str,
       for tag, m, style in (('FP', metrics, '-o'), ('quantized', quantized, '--x')):
         if m is None:
           continue
-        layers = [r['layer'] for r in m['per_layer'] if t in r]
-        vals = [r[t][stat] for r in m['per_layer'] if t in r]
+        rows = [r for r in m['per_layer'] if stat in r.get(t, {})]   # kurtosis: some tensors
+        layers = [r['layer'] for r in rows]
+        vals = [r[t][stat] for r in rows]
         if not vals:
           continue
         lw = 2.2 if t == HEADLINE[model_type] else 1.0
@@ -38,7 +39,7 @@ def per_layer_plot(metrics: dict, model_type: str, path: str,
     from matplotlib.ticker import MaxNLocator
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel('inf norm (mean over sequences)' if stat == 'inf_norm'
-                  else 'kurtosis (mean over tokens)')
+                  else 'kurtosis (mean over sequences)')
     if stat == 'kurtosis' or max(_finite_max(metrics), _finite_max(quantized)) > 100:
       ax.set_yscale('log')
     ax.grid(alpha=0.3)

@@ -23,7 +23,10 @@ import jax
 import jax.numpy as jnp
 
 from oqt_jax.models.config import ModelConfig
-from oqt_jax.models.layers import Dense, dtype_of, normal_init, qact
+from oqt_jax.models.layers import Dense, constrain, dtype_of, normal_init, qact
+
+HEAD_AXES = ('batch', 'heads', 'length', 'kv')
+SCORE_AXES = ('batch', 'heads', 'length', 'length_kv')
 
 
 def clipped_softmax(x, gamma: float = 0.0, zeta: float = 1.0, axis: int = -1):
@@ -102,7 +105,8 @@ class MultiHeadAttention(nn.Module):
     gate_input: (B, T, D) what the gate looks at (BERT: layer input; OPT: the pre-LN output).
     attn_mask: (B, 1, Tq, Tk) bool, True where attention is allowed.
     tok_mask: (B, T) bool token-validity mask for quantization statistics (or None).
-  Quantization points: q/k/v outputs, scores 's', probabilities 'p', context 'c', output 'g'.
+  Quantization points: q/k/v outputs, scores 's', probabilities 'p', context 'c' (after the
+  gate for BERT, before it for OPT, as the originals), output 'g'.
   """
   cfg: ModelConfig
   layer: int
@@ -115,22 +119,33 @@ class MultiHeadAttention(nn.Module):
     dense = lambda name, point, axes: Dense(
         cfg.hidden_size, point=f'{point}{i}', use_bias=cfg.enable_bias, kernel_axes=axes,
         init_std=cfg.init_std, dtype=dtype, quant=q, name=name)
-    query = split_heads(dense('query', 'q', ('embed', 'heads'))(x, tok_mask), cfg.num_heads)
-    key = split_heads(dense('key', 'k', ('embed', 'heads'))(x, tok_mask), cfg.num_heads)
-    value = split_heads(dense('value', 'v', ('embed', 'heads'))(x, tok_mask), cfg.num_heads)
+    proj = lambda name, point: constrain(
+        split_heads(dense(name, point, ('embed', 'heads'))(x, tok_mask), cfg.num_heads),
+        HEAD_AXES)
+    query, key, value = proj('query', 'q'), proj('key', 'k'), proj('value', 'v')
 
     scale = cfg.head_dim ** -0.5
     scores = jnp.einsum('bhqd,bhkd->bhqk', query, key).astype(jnp.float32) * scale
+    scores = constrain(scores, SCORE_AXES)
     scores = qact(q, self, f's{i}', scores, tok_mask)
     scores = jnp.where(attn_mask, scores, jnp.finfo(jnp.float32).min)
     gamma, zeta = cfg.clip_gamma_zeta
-    probs = clipped_softmax(scores, gamma, zeta)
+    probs = constrain(clipped_softmax(scores, gamma, zeta), SCORE_AXES)
     probs = qact(q, self, f'p{i}', probs, tok_mask)
     probs = nn.Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
-    context = jnp.einsum('bhqk,bhkd->bhqd', probs.astype(dtype), value)
+    context = constrain(jnp.einsum('bhqk,bhkd->bhqd', probs.astype(dtype), value), HEAD_AXES)
+    # The originals quantize the context after the gate in BERT, before it in OPT.
+    c_before_gate = cfg.model_type == 'opt'
+    if c_before_gate:
+      context = split_heads(qact(q, self, f'c{i}', merge_heads(context), tok_mask),
+                            cfg.num_heads)
     if cfg.gate != 'none':
       pi = AttentionGate(cfg, name='gate')(gate_input)
       self.sow('intermediates', 'gate_probs', pi)
-      context = context * pi.astype(context.dtype)
-    context = qact(q, self, f'c{i}', merge_heads(context), tok_mask)
-    return dense('out', 'g', ('heads', 'embed'))(context, tok_mask)
+      context = constrain(context * pi.astype(context.dtype), HEAD_AXES)
+    context = merge_heads(context)
+    if not c_before_gate:
+      context = qact(q, self, f'c{i}', context, tok_mask)
+    context = constrain(context, ('batch', 'length', 'heads'))
+    out = dense('out', 'g', ('heads', 'embed'))(context, tok_mask)
+    return constrain(out, ('batch', 'length', 'embed'))

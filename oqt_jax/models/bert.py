@@ -19,8 +19,10 @@ import jax.numpy as jnp
 
 from oqt_jax.models.attention import MultiHeadAttention
 from oqt_jax.models.config import ModelConfig
-from oqt_jax.models.layers import Dense, Embed, LayerNorm, dtype_of, qact
+from oqt_jax.models.layers import Dense, Embed, LayerNorm, constrain, dtype_of, qact
 from oqt_jax.models.outputs import ModelOutput
+
+EMBED_AXES = ('batch', 'length', 'embed')
 
 
 class BertEmbeddings(nn.Module):
@@ -33,13 +35,14 @@ class BertEmbeddings(nn.Module):
     dtype = dtype_of(cfg.dtype)
     emb = lambda n, size, wp: Embed(size, cfg.hidden_size, wpoint=wp, init_std=cfg.init_std,
                                     dtype=dtype, quant=q, name=n)
-    x = (word_embeds
-         + emb('position_embeddings', cfg.max_position_embeddings, 'Ep')(position_ids)
-         + emb('token_type_embeddings', cfg.type_vocab_size, 'Ets')(token_type_ids))
-    x = qact(q, self, 'e', x, tok_mask)
+    # As the original: (words + token types) quantized ('ewt'), then + positions ('e').
+    x = word_embeds + emb('token_type_embeddings', cfg.type_vocab_size, 'Ets')(token_type_ids)
+    x = qact(q, self, 'ewt', x, tok_mask)
+    x = x + emb('position_embeddings', cfg.max_position_embeddings, 'Ep')(position_ids)
+    x = constrain(qact(q, self, 'e', x, tok_mask), EMBED_AXES)
     x = LayerNorm(point='eln', eps=cfg.layer_norm_eps, dtype=dtype, quant=q, name='LayerNorm')(
         x, tok_mask)
-    return nn.Dropout(cfg.hidden_dropout)(x, deterministic=deterministic)
+    return constrain(nn.Dropout(cfg.hidden_dropout)(x, deterministic=deterministic), EMBED_AXES)
 
 
 class BertLayer(nn.Module):
@@ -56,17 +59,19 @@ class BertLayer(nn.Module):
                                        quant=q, name=name)
     attn = MultiHeadAttention(cfg, layer=i, quant=q, name='attention')(
         x, x, attn_mask, tok_mask, deterministic)
-    u = qact(q, self, f'u{i}', x + drop(attn), tok_mask)
-    x = ln('x', 'attention_ln')(u, tok_mask)
+    u = constrain(qact(q, self, f'u{i}', x + drop(attn), tok_mask), EMBED_AXES)
+    x = constrain(ln('x', 'attention_ln')(u, tok_mask), EMBED_AXES)
     f = Dense(cfg.intermediate_size, point=f'f{i}', activation=cfg.activation,
               kernel_axes=('embed', 'mlp'), init_std=cfg.init_std, dtype=dtype, quant=q,
               name='intermediate')(x, tok_mask)
+    f = constrain(f, ('batch', 'length', 'mlp'))
     h = Dense(cfg.hidden_size, point=f'h{i}', kernel_axes=('mlp', 'embed'),
               init_std=cfg.init_std, dtype=dtype, quant=q, name='output')(f, tok_mask)
+    h = constrain(h, EMBED_AXES)
     self.sow('intermediates', 'ffn_output', h)
-    y = qact(q, self, f'y{i}', x + drop(h), tok_mask)
+    y = constrain(qact(q, self, f'y{i}', x + drop(h), tok_mask), EMBED_AXES)
     self.sow('intermediates', 'ffn_residual', y)
-    z = ln('z', 'output_ln')(y, tok_mask)
+    z = constrain(ln('z', 'output_ln')(y, tok_mask), EMBED_AXES)
     self.sow('intermediates', 'ffn_ln_output', z)
     return z
 
@@ -94,7 +99,8 @@ class Bert(nn.Module):
     word = Embed(cfg.vocab_size, cfg.hidden_size, wpoint='Et', init_std=cfg.init_std, dtype=dtype,
                  quant=q, name='word_embeddings')
     x = BertEmbeddings(cfg, quant=q, name='embeddings')(
-        word(input_ids), token_type_ids, position_ids, tok_mask, deterministic)
+        constrain(word(input_ids), EMBED_AXES), token_type_ids, position_ids, tok_mask,
+        deterministic)
     hidden = [x]
     for i in range(cfg.num_layers):
       x = BertLayer(cfg, layer=i, quant=q, name=f'encoder_layer_{i}')(
@@ -114,13 +120,14 @@ class Bert(nn.Module):
                  kernel_axes=('embed', 'mlp'), init_std=cfg.init_std, dtype=dtype, quant=q,
                  name='mlm_transform')(x, tok_mask)
       hm = LayerNorm(point='Mln', eps=cfg.layer_norm_eps, dtype=dtype, quant=q, name='mlm_ln')(
-          hm, tok_mask)
+          constrain(hm, EMBED_AXES), tok_mask)
+      hm = constrain(hm, EMBED_AXES)
       bias = self.param('mlm_bias', nn.with_logical_partitioning(nn.initializers.zeros,
                                                                  ('vocab',)),
                         (cfg.vocab_size,), jnp.float32)
       # The decoder is tied to the word embeddings; its weight point is 'wM'.
       logits = word.attend(hm, wpoint='wM') + bias.astype(dtype)
-      logits = qact(q, self, 'M', logits, tok_mask)
+      logits = constrain(qact(q, self, 'M', logits, tok_mask), ('batch', 'length', 'vocab'))
     return ModelOutput(logits=logits, hidden_states=tuple(hidden), last_hidden_state=x,
                        pooler_output=pooled)
 

@@ -17,19 +17,67 @@ oqt_jax/quant/points.py for the full table; the tied LM decoder's weight point i
 quant=None the hooks cost nothing.
 
 Parameters carry logical axis names (`nn.with_logical_partitioning`); `train/sharding.py`
-maps them to mesh axes.
+maps them to mesh axes. Activations are pinned with `constrain(x, names)` (MaxText-style
+logical constraints: batch, length, length_kv, embed, mlp, heads, kv, vocab); it acts only
+while both Flax logical-axis rules and a JAX mesh are in context (the train / eval steps set
+them up), so a plain `model.apply` on one device, HF loading and calibration are untouched.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 
 Dtype = Any
 
 LOGICAL_AXES = ('vocab', 'embed', 'mlp', 'heads', 'kv', 'norm', 'classes', 'gate')
+
+
+def logical_spec(logical: Sequence[Any] | None, shape: Sequence[int],
+                 mesh_shape: Mapping[str, int], rules) -> PartitionSpec:
+  """PartitionSpec for one array: map logical names through `rules`, dropping mesh axes that
+  are already used by an earlier dimension, have size 1, or do not divide the dimension."""
+  if logical is None:
+    return PartitionSpec()
+  table = {k: v for k, v in rules}
+  used: set[str] = set()
+  out = []
+  for name, dim in zip(tuple(logical), tuple(shape)):
+    target = table.get(name) if name is not None else None
+    axes = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
+    keep = []
+    size = 1
+    for ax in axes:
+      n = mesh_shape.get(ax, 1)
+      if ax in used or n == 1 or dim % (size * n):
+        continue
+      keep.append(ax)
+      size *= n
+    used.update(keep)
+    out.append(None if not keep else (keep[0] if len(keep) == 1 else tuple(keep)))
+  while out and out[-1] is None:
+    out.pop()
+  return PartitionSpec(*out)
+
+
+def constrain(x, logical: tuple):
+  """Sharding constraint on an activation from logical axis names.
+
+  A no-op unless Flax logical-axis rules (`nn.logical_axis_rules`) and a mesh
+  (`jax.sharding.use_abstract_mesh` / `jax.set_mesh`) are both in context. Mesh axes that do
+  not divide a dimension are dropped (replicated), as for parameters.
+  """
+  rules = nn.get_logical_axis_rules()
+  if not rules:
+    return x
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  spec = logical_spec(logical, x.shape, dict(mesh.shape), rules)
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
 def dtype_of(name: str):
@@ -121,7 +169,9 @@ class Embed(nn.Module):
     table = qweight(self.quant, self, wpoint or self.wpoint, embedding).astype(self.dtype)
     if attend_to is not None:
       return jnp.einsum('...d,vd->...v', attend_to.astype(self.dtype), table)
-    return jnp.take(table, ids, axis=0)
+    # Gather from a table whole along `embed` (FSDP all-gathers it, as for any weight): a
+    # lookup into an embed-sharded table cannot be resharded to batch-sharded rows cheaply.
+    return jnp.take(constrain(table, ('vocab', None)), ids, axis=0)
 
   def attend(self, x, wpoint=None):
     return self(attend_to=x, wpoint=wpoint)

@@ -18,7 +18,9 @@ import jax.numpy as jnp
 
 from oqt_jax.models.attention import MultiHeadAttention
 from oqt_jax.models.config import ModelConfig
-from oqt_jax.models.layers import Dense, Embed, LayerNorm, dtype_of, qact
+from oqt_jax.models.layers import Dense, Embed, LayerNorm, constrain, dtype_of, qact
+
+EMBED_AXES = ('batch', 'length', 'embed')
 from oqt_jax.models.outputs import ModelOutput
 
 POSITION_OFFSET = 2  # OPT's learned positions are shifted by 2 (a fairseq legacy)
@@ -47,30 +49,32 @@ class OptLayer(nn.Module):
 
     residual = x
     if pre:
-      x = ln('a', 'attention_ln')(x, tok_mask)
+      x = constrain(ln('a', 'attention_ln')(x, tok_mask), EMBED_AXES)
       sow('attn_ln_output', x)
     a = MultiHeadAttention(cfg, layer=i, quant=q, name='attention')(
         x, x, attn_mask, tok_mask, deterministic)
     sow('attn_output', a)
-    x = qact(q, self, f'u{i}', residual + drop(a), tok_mask)
+    x = constrain(qact(q, self, f'u{i}', residual + drop(a), tok_mask), EMBED_AXES)
     if not pre:
-      x = ln('a', 'attention_ln')(x, tok_mask)
+      x = constrain(ln('a', 'attention_ln')(x, tok_mask), EMBED_AXES)
       sow('attn_ln_output', x)
 
     residual = x
     if pre:
-      x = ln('x', 'ffn_ln')(x, tok_mask)
+      x = constrain(ln('x', 'ffn_ln')(x, tok_mask), EMBED_AXES)
       sow('ffn_ln_output', x)
     f = Dense(cfg.intermediate_size, point=f'f{i}', activation=cfg.activation,
               use_bias=cfg.enable_bias, kernel_axes=('embed', 'mlp'), init_std=cfg.init_std,
               dtype=dtype, quant=q, name='fc1')(x, tok_mask)
+    f = constrain(f, ('batch', 'length', 'mlp'))
     h = Dense(cfg.hidden_size, point=f'h{i}', use_bias=cfg.enable_bias,
               kernel_axes=('mlp', 'embed'), init_std=cfg.init_std, dtype=dtype, quant=q,
               name='fc2')(f, tok_mask)
+    h = constrain(h, EMBED_AXES)
     sow('ffn_output', h)
-    x = qact(q, self, f'y{i}', residual + drop(h), tok_mask)
+    x = constrain(qact(q, self, f'y{i}', residual + drop(h), tok_mask), EMBED_AXES)
     if not pre:
-      x = ln('x', 'ffn_ln')(x, tok_mask)
+      x = constrain(ln('x', 'ffn_ln')(x, tok_mask), EMBED_AXES)
       sow('ffn_ln_output', x)
     sow('layer_output', x)
     return x
@@ -97,7 +101,7 @@ class Opt(nn.Module):
 
     word = Embed(cfg.vocab_size, cfg.embed_dim, wpoint='Et', init_std=cfg.init_std, dtype=dtype,
                  quant=q, name='embed_tokens')
-    x = word(input_ids)
+    x = constrain(word(input_ids), EMBED_AXES)
     project = cfg.embed_dim != cfg.hidden_size
     if project:
       x = Dense(cfg.hidden_size, point='pin', use_bias=False, kernel_axes=(None, 'embed'),
@@ -105,7 +109,7 @@ class Opt(nn.Module):
     pos = Embed(cfg.max_position_embeddings + POSITION_OFFSET, cfg.hidden_size, wpoint='Ep',
                 init_std=cfg.init_std, dtype=dtype, quant=q, name='embed_positions')
     x = qact(q, self, 'e', x + pos(position_ids + POSITION_OFFSET), tok_mask)
-    x = nn.Dropout(cfg.hidden_dropout)(x, deterministic=deterministic)
+    x = constrain(nn.Dropout(cfg.hidden_dropout)(x, deterministic=deterministic), EMBED_AXES)
 
     hidden = []
     for i in range(cfg.num_layers):
@@ -115,6 +119,7 @@ class Opt(nn.Module):
     if cfg.do_layer_norm_before and not cfg.remove_final_layer_norm:
       x = LayerNorm(point='fln', eps=cfg.layer_norm_eps, dtype=dtype, quant=q, name='final_ln')(
           x, tok_mask)
+      x = constrain(x, EMBED_AXES)
       self.sow('intermediates', 'final_ln_output', x)
     if project:
       x = Dense(cfg.embed_dim, point='pout', use_bias=False, kernel_axes=('embed', None),
@@ -124,6 +129,7 @@ class Opt(nn.Module):
     logits = None
     if cfg.resolved_head == 'clm':
       logits = qact(q, self, 'M', word.attend(x, wpoint='wM'), tok_mask)
+      logits = constrain(logits, ('batch', 'length', 'vocab'))
     elif cfg.resolved_head not in ('none',):
       raise ValueError(f'model.head={cfg.head!r} is not supported for OPT')
     return ModelOutput(logits=logits, hidden_states=tuple(hidden), last_hidden_state=x)

@@ -91,7 +91,7 @@ class QuantHooks:
         kind or spec.estimator, state, x, mask=mask, reduce_axes=axes, momentum=r.momentum,
         percentile=r.percentile, n_bits=n_bits or spec.n_bits,
         symmetric=spec.symmetric if symmetric is None else symmetric,
-        mse_search=r.mse_search, num_candidates=r.num_candidates)
+        mse_search=spec.mse_search or r.mse_search, num_candidates=r.num_candidates)
 
   @staticmethod
   def _ranges(state, ndim, axes):

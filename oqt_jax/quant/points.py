@@ -2,13 +2,15 @@
 
 Point names (the models call the hooks with these; a layer index follows layer points):
 
-  BERT  e (embedding sum) · eln (embedding LN) · per layer i: q,k,v (Q/K/V outputs), s (scores),
-        p (probabilities), c (context, after the gate), g (attention output projection),
+  BERT  ewt (word + token-type embedding sum) · e (embedding sum, + positions) · eln
+        (embedding LN) · per layer i: q,k,v (Q/K/V outputs), s (scores, after 1/sqrt(d), before
+        the mask), p (probabilities), c (context, after the gate), g (attention output projection),
         u (attention residual sum), x (attention LN out = FFN input), f (FFN intermediate,
         after GELU), h (FFN output), y (FFN residual sum), z (FFN LN out) · heads: P (pooler),
         C (classifier logits), Mt / Mln / M (MLM transform, its LN, logits)
   OPT   e (embedding sum) · pin / pout (project_in / project_out) · per layer i: a
-        (self_attn_layer_norm out), q,k,v,s,p,c,g, u (attention residual sum), x
+        (self_attn_layer_norm out), q,k,v,s,p, c (context, BEFORE the gate, as the original
+        OPT code), g, u (attention residual sum), x
         (final_layer_norm out = FFN input), f (fc1 after ReLU), h (fc2), y (FFN residual sum =
         layer output) · fln (final decoder LN) · M (logits)
   weights  'w' + the output point of a Dense or LayerNorm (wq3, wf3, wx3, weln, wC, wP, ...),
@@ -24,6 +26,23 @@ Resolution of one point, in order (later steps win, attribute by attribute):
      < 'x3'. A value is the bits (int; 32 = fp32), 'fp32', 'per_tensor', 'per_embd',
      'ngK' (K groups) or 'ngpK' (K groups, range-sorted permutation). 'L' keys set bits or
      fp32 of weights and activations of the layer, granularities only of its activations.
+     An 'e' key also sets 'ewt' (the original's 'e' drives both embedding-sum quantizers).
+     Any 'Et' key (BERT) also switches the word-embedding table's range estimator to MSE with
+     golden-section search, as the originals do; MSE_logits uses golden-section search too.
+
+quant_setup, as the originals: fp32_head* leave every head point (weights and outputs) in FP;
+int16_final_LN / int16_all_LN put the LayerNorm's output AND its gamma at 16 bits (the
+original sets both quantizers of the LN); FP_logits leaves only the logits' output in FP.
+
+Deliberate differences from the originals:
+  - precedence: the more specific key wins (the original applied 'x3', 'x', 'L3', 'L' in that
+    order, so the generic key overwrote the specific one);
+  - 'L' keys also set the layer's weights (the original's touched only activation quantizers);
+  - 'wP' sets the pooler's weight (the original's 'wP' hijacked the pooler's activation);
+  - the BERT MLM head (Mt, Mln, M, wM...) follows quant_setup; the 2023 original kept the
+    whole MLM head in FP whatever quant_setup: use fp32_head to reproduce its BERT numbers;
+  - int16_final_LN on a post-LN model (no final decoder LN) uses the last layer's final LN
+    (the original had no final LN to set there).
 """
 from __future__ import annotations
 
@@ -43,7 +62,7 @@ LAYER_ACTS = {
     'opt': ('a', 'q', 'k', 'v', 's', 'p', 'c', 'g', 'u', 'x', 'f', 'h', 'y'),
 }
 GLOBAL_ACTS = {
-    'bert': ('e', 'eln', 'P', 'C', 'Mt', 'Mln', 'M'),
+    'bert': ('ewt', 'e', 'eln', 'P', 'C', 'Mt', 'Mln', 'M'),
     'opt': ('e', 'pin', 'fln', 'pout', 'M'),
 }
 TABLES = {'bert': ('Et', 'Ep', 'Ets'), 'opt': ('Et', 'Ep')}
@@ -268,6 +287,7 @@ class PointSpec:
   n_groups: int = 0
   permute: bool = False
   perm_source: Optional[str] = None   # the point whose FP per-dim ranges define the permutation
+  mse_search: Optional[str] = None    # MSE / CE search of this point; None: quant.mse_search
 
 
 def split_name(name: str) -> tuple[str, str, Optional[int]]:
@@ -352,44 +372,57 @@ class Rules:
           out.append(ov)
     return out
 
+  def _int16_ln(self, base, act_name) -> bool:
+    """True where quant_setup puts this LayerNorm (output and gamma) at 16 bits."""
+    if self.quant_setup == 'fp32_head+int16_final_LN':
+      return act_name == self.final_ln
+    if self.quant_setup == 'fp32_head+int16_all_LN':
+      return base in LN_ACTS and base not in HEAD
+    return False
+
   def _weight_spec(self, name, base, layer) -> PointSpec:
     enabled = True
     bits = self.n_bits
+    est, search = self.ranges_weights, None
     if self.quant_setup.startswith('fp32_head') and base in HEAD:
       enabled = False
+    if base not in ALL_TABLES and self._int16_ln(base, name[1:]):
+      bits = 16
     wb = base if base in ALL_TABLES else 'w' + base
     keys = [('L', None), (wb, None), ('L', layer), (wb, layer)] if layer is not None else \
            [(wb, None)]
-    for ov in self._matching(keys):
+    matching = self._matching(keys)
+    for ov in matching:
       if ov.enabled is not None:
         enabled = ov.enabled
       if ov.bits is not None:
         bits = ov.bits
+    if base == 'Et' and matching and self.model_type == 'bert':
+      est, search = 'mse', 'golden'
     gran = 'per_channel' if self.per_channel else 'per_tensor'
     return PointSpec(name=name, kind='weight', enabled=enabled, n_bits=bits,
                      symmetric=self.symmetric_weights, granularity=gran,
-                     estimator=self.ranges_weights)
+                     estimator=est, mse_search=search)
 
   def _act_spec(self, name, base, layer) -> PointSpec:
     enabled, bits, est = True, self.n_bits_act, self.ranges_acts
     d = self.act_default
     gran, ng, perm = d.granularity or 'per_tensor', d.n_groups, d.permute
     setup = self.quant_setup
+    search = None
     if setup.startswith('fp32_head') and base in HEAD:
       enabled = False
-    if setup == 'fp32_head+int16_final_LN' and name == self.final_ln:
-      bits = 16
-    if setup == 'fp32_head+int16_all_LN' and base in LN_ACTS and base not in HEAD:
+    if self._int16_ln(base, name):
       bits = 16
     if base in LOGITS:
       if setup == 'FP_logits':
         enabled = False
       elif setup == 'MSE_logits':
-        est = 'mse'
+        est, search = 'mse', 'golden'
       elif setup == 'CE_logits':
         est = 'cross_entropy'
     keys = ([('L', None), (base, None), ('L', layer), (base, layer)] if layer is not None
-            else [(base, None)])
+            else [('e', None), (base, None)] if base == 'ewt' else [(base, None)])
     for ov in self._matching(keys):
       if ov.enabled is not None:
         enabled = ov.enabled
@@ -405,7 +438,7 @@ class Rules:
       source = f'h{layer}' if shared else name
     return PointSpec(name=name, kind='act', enabled=enabled, n_bits=bits,
                      symmetric=self.symmetric_acts, granularity=gran, estimator=est,
-                     n_groups=ng, permute=perm, perm_source=source)
+                     n_groups=ng, permute=perm, perm_source=source, mse_search=search)
 
   # -- model-wide ----------------------------------------------------------------------------
   def act_points(self) -> tuple[str, ...]:

@@ -54,8 +54,8 @@ def mesh_of(tree) -> Mesh:
 
 
 @functools.lru_cache(maxsize=16)
-def _cached_eval_step(apply_fn: Callable, head: str, model_type: str):
-  return make_eval_step(apply_fn, head, model_type)
+def _cached_eval_step(apply_fn: Callable, head: str, model_type: str, mesh: Mesh | None = None):
+  return make_eval_step(apply_fn, head, model_type, mesh)
 
 
 def eval_batches(config, ds, batch_size: Optional[int] = None,
@@ -90,7 +90,7 @@ def device_eval_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, 
 def _loss_metrics(state, config, ds, batches: Iterable[Mapping[str, np.ndarray]], mesh: Mesh
                   ) -> dict[str, Any]:
   mcfg = models.from_config(config.model)
-  step_fn = _cached_eval_step(state.apply_fn, mcfg.resolved_head, mcfg.model_type)
+  step_fn = _cached_eval_step(state.apply_fn, mcfg.resolved_head, mcfg.model_type, mesh)
   total, count, n = 0.0, 0.0, 0
   for b in batches:
     s, c = step_fn(state.params, device_eval_batch(b, mesh))

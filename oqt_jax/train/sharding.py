@@ -9,6 +9,13 @@ maps each name to a mesh axis:
   heads -> tensor     attention heads (Q/K/V columns, output-projection rows)
   batch -> (data, fsdp)   activations / data batches
   kv, norm, classes, gate, None -> replicated
+  length, length_kv -> replicated (activations only: sequence positions, attended keys)
+
+Activations are constrained with the same names (oqt_jax.models.layers.constrain) inside
+the jitted steps, under `activation_context(mesh)`: (batch, length, embed) for the residual
+stream, (batch, length, mlp) for the FFN hidden units, (batch, heads, length, kv) for
+per-head q/k/v/context, (batch, heads, length, length_kv) for scores / probabilities. For
+activations `embed` ends up replicated because `batch` already claims fsdp.
 
 A dimension whose size the mesh axis does not divide is left replicated (so a tiny model
 or an odd vocabulary still runs on any mesh). The same tables serve one CPU, simulated CPU
@@ -16,6 +23,7 @@ devices, one GPU and multi-host TPU/GPU slices.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Any, Mapping, Sequence
@@ -25,6 +33,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from oqt_jax.models.layers import logical_spec
 from oqt_jax.train.config import MESH_AXES, mesh_shape
 
 log = logging.getLogger(__name__)
@@ -36,6 +45,8 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ('mlp', 'tensor'),
     ('heads', 'tensor'),
     ('kv', None),
+    ('length', None),
+    ('length_kv', None),
     ('norm', None),
     ('classes', None),
     ('gate', None),
@@ -103,40 +114,25 @@ def create_mesh(mesh_cfg, devices: Sequence[Any] | None = None) -> Mesh:
   return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), **kw)
 
 
+def activation_context(mesh: Mesh, rules=LOGICAL_AXIS_RULES):
+  """Context in which the models' activation constraints take effect (enter it inside the
+  traced function: it sets the abstract mesh and the Flax logical-axis rules)."""
+  stack = contextlib.ExitStack()
+  stack.enter_context(jax.sharding.use_abstract_mesh(mesh.abstract_mesh))
+  stack.enter_context(nn.logical_axis_rules(rules))
+  return stack
+
+
 def batch_shards(mesh: Mesh) -> int:
   """How many ways a batch is split: data * fsdp."""
   return mesh.shape['data'] * mesh.shape['fsdp']
-
-
-def _rules_dict(rules):
-  return {k: v for k, v in rules}
 
 
 def logical_to_mesh_spec(logical: Sequence[Any] | None, shape: Sequence[int], mesh: Mesh,
                          rules=LOGICAL_AXIS_RULES) -> P:
   """PartitionSpec for one array: map logical names through `rules`, dropping mesh axes that
   are already used by an earlier dimension, have size 1, or do not divide the dimension."""
-  if logical is None:
-    return P()
-  table = _rules_dict(rules)
-  used: set[str] = set()
-  out = []
-  for name, dim in zip(tuple(logical), tuple(shape)):
-    target = table.get(name) if name is not None else None
-    axes = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
-    keep = []
-    size = 1
-    for ax in axes:
-      n = mesh.shape.get(ax, 1)
-      if ax in used or n == 1 or dim % (size * n):
-        continue
-      keep.append(ax)
-      size *= n
-    used.update(keep)
-    out.append(None if not keep else (keep[0] if len(keep) == 1 else tuple(keep)))
-  while out and out[-1] is None:
-    out.pop()
-  return P(*out)
+  return logical_spec(logical, shape, dict(mesh.shape), rules)
 
 
 def logical_partition_specs(boxed_tree) -> Any:

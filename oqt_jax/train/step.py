@@ -39,6 +39,7 @@ def loss_sum_fn(apply_fn: Callable, head: str, model_type: str, params, batch, *
 def make_train_step(model: nn.Module, head: str, schedule: optax.Schedule,
                     shardings: TrainState, mesh: Mesh, batch_keys, donate: bool = True):
   """jit(train_step)(state, batch) -> (state, metrics) with in/out shardings, state donated.
+  The model's activation constraints are traced under `mesh` and the logical-axis rules.
 
   metrics (replicated scalars): loss (mean CE of this step's batch), grad_norm (before
   clipping), lr (used for this update), tokens (loss targets counted).
@@ -55,6 +56,10 @@ def make_train_step(model: nn.Module, head: str, schedule: optax.Schedule,
     return s, c, g
 
   def train_step(state: TrainState, batch):
+    with shd.activation_context(mesh):
+      return _train_step(state, batch)
+
+  def _train_step(state: TrainState, batch):
     step_rng = jax.random.fold_in(state.rng, state.step)
     n_micro = jax.tree.leaves(batch)[0].shape[0]
     if n_micro == 1:
@@ -89,8 +94,13 @@ def make_train_step(model: nn.Module, head: str, schedule: optax.Schedule,
                  out_shardings=(shardings, rep), donate_argnums=(0,) if donate else ())
 
 
-def make_eval_step(apply_fn: Callable, head: str, model_type: str):
-  """jit(eval_step)(params, batch) -> (loss_sum, count), deterministic (no dropout)."""
+def make_eval_step(apply_fn: Callable, head: str, model_type: str, mesh: Mesh | None = None):
+  """jit(eval_step)(params, batch) -> (loss_sum, count), deterministic (no dropout).
+
+  With `mesh`, the model's activation sharding constraints apply (as in the train step)."""
   def eval_step(params, batch):
-    return loss_sum_fn(apply_fn, head, model_type, params, batch, deterministic=True)
+    if mesh is None:
+      return loss_sum_fn(apply_fn, head, model_type, params, batch, deterministic=True)
+    with shd.activation_context(mesh):
+      return loss_sum_fn(apply_fn, head, model_type, params, batch, deterministic=True)
   return jax.jit(eval_step)
