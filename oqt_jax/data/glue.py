@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Iterator
 
 import numpy as np
 
@@ -119,7 +118,7 @@ def _tokenize(ds, info: GlueTask, tok, max_len: int, with_types: bool) -> dict:
   return out
 
 
-class GlueDataset:
+class GlueDataset(sampling.IndexedDataset):
   """Tokenized GLUE split. Attributes: task_info, num_labels, is_regression, metric_names,
   num_examples, seq_len."""
 
@@ -142,32 +141,14 @@ class GlueDataset:
         np.float32 if (k == 'labels' and self.is_regression) else np.int32)
             for k, v in self.arrays.items()}
 
-  def batch_indices(self, step: int, batch_size: int, process_index: int = 0,
-                    process_count: int = 1) -> np.ndarray:
-    pos = sampling.global_positions(step, batch_size, process_index, process_count)
-    return sampling.train_indices(self.seed, pos, self.num_examples)
-
   def batch(self, step: int, batch_size: int, process_index: int = 0,
             process_count: int = 1) -> dict[str, np.ndarray]:
     return self.rows(self.batch_indices(step, batch_size, process_index, process_count))
 
-  def num_eval_batches(self, batch_size: int, process_count: int = 1,
-                       drop_remainder: bool = False) -> int:
-    return sampling.num_eval_batches(self.num_examples, batch_size, process_count,
-                                     drop_remainder)
-
-  def eval_batches(self, batch_size: int, num_batches: int | None = None,
-                   process_index: int = 0, process_count: int = 1,
-                   drop_remainder: bool = False) -> Iterator[dict[str, np.ndarray]]:
-    total = self.num_eval_batches(batch_size, process_count, drop_remainder)
-    if num_batches is not None:
-      total = min(total, int(num_batches))
-    for b in range(total):
-      idx, valid = sampling.eval_positions(b, batch_size, self.num_examples, process_index,
-                                           process_count)
-      out = self.rows(idx)
-      out['labels'][~valid] = IGNORE_INDEX
-      yield out
+  def _eval_rows(self, indices, valid) -> dict[str, np.ndarray]:
+    out = self.rows(indices)
+    out['labels'][~valid] = IGNORE_INDEX
+    return out
 
 
 def _glue_key_fields(data_config, split: str) -> dict:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Iterator
 
 import numpy as np
 
@@ -188,7 +187,7 @@ def mlm_mask(input_ids: np.ndarray, eligible: np.ndarray, u_select: np.ndarray,
 # --------------------------------------------------------------------------- dataset
 
 
-class LMDataset:
+class LMDataset(sampling.IndexedDataset):
   """MLM or CLM examples over a token stream; see the module docstring.
 
   Attributes: kind ('mlm' | 'clm'), seq_len, num_examples, num_tokens, tokenizer.
@@ -275,12 +274,6 @@ class LMDataset:
     out['labels'] = labels.astype(np.int32)
     return out
 
-  def batch_indices(self, step: int, batch_size: int, process_index: int = 0,
-                    process_count: int = 1) -> np.ndarray:
-    """Example indices of this process's shard of the global batch at `step`."""
-    pos = sampling.global_positions(step, batch_size, process_index, process_count)
-    return sampling.train_indices(self.seed, pos, self.num_examples)
-
   def batch(self, step: int, batch_size: int, process_index: int = 0,
             process_count: int = 1) -> dict[str, np.ndarray]:
     """Training batch at `step` (per-process `batch_size` rows); pure in (seed, step, process)."""
@@ -289,21 +282,7 @@ class LMDataset:
     keys = [(self.seed, _TRAIN_STREAM, int(g)) for g in pos]
     return self._finish(idx, keys, None)
 
-  def num_eval_batches(self, batch_size: int, process_count: int = 1,
-                       drop_remainder: bool = False) -> int:
-    return sampling.num_eval_batches(self.num_examples, batch_size, process_count,
-                                     drop_remainder)
-
-  def eval_batches(self, batch_size: int, num_batches: int | None = None,
-                   process_index: int = 0, process_count: int = 1,
-                   drop_remainder: bool = False) -> Iterator[dict[str, np.ndarray]]:
-    """Examples in order, fixed masking; the last batch is filled up with rows whose labels
-    are all -100 (ignored) unless drop_remainder. At most `num_batches` batches."""
-    total = self.num_eval_batches(batch_size, process_count, drop_remainder)
-    if num_batches is not None:
-      total = min(total, int(num_batches))
-    for b in range(total):
-      idx, valid = sampling.eval_positions(b, batch_size, self.num_examples, process_index,
-                                           process_count)
-      keys = [(self.seed, _EVAL_STREAM, int(i)) for i in idx]
-      yield self._finish(idx, keys, None if valid.all() else valid)
+  def _eval_rows(self, indices, valid) -> dict[str, np.ndarray]:
+    """Fixed masking per example (seed, eval stream, index), whatever the batch size."""
+    keys = [(self.seed, _EVAL_STREAM, int(i)) for i in indices]
+    return self._finish(indices, keys, None if valid.all() else valid)

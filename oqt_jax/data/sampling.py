@@ -11,6 +11,7 @@ the next, so no example is skipped or repeated within an epoch.
 """
 from __future__ import annotations
 
+import abc
 import functools
 
 import numpy as np
@@ -67,3 +68,39 @@ def num_eval_batches(n: int, batch_size: int, process_count: int = 1,
                      drop_remainder: bool = False) -> int:
   gb = batch_size * process_count
   return n // gb if drop_remainder else -(-n // gb)
+
+
+class IndexedDataset(abc.ABC):
+  """Shared batching over `num_examples` indexed rows: training batches by (seed, step),
+  evaluation batches in order. Subclasses define `seed`, `num_examples` and
+  `_eval_rows(indices, valid)` (valid: bool per row; False rows are fillers to ignore)."""
+
+  seed: int
+  num_examples: int
+
+  def batch_indices(self, step: int, batch_size: int, process_index: int = 0,
+                    process_count: int = 1) -> np.ndarray:
+    """Example indices of this process's shard of the global batch at `step`."""
+    pos = global_positions(step, batch_size, process_index, process_count)
+    return train_indices(self.seed, pos, self.num_examples)
+
+  def num_eval_batches(self, batch_size: int, process_count: int = 1,
+                       drop_remainder: bool = False) -> int:
+    return num_eval_batches(self.num_examples, batch_size, process_count, drop_remainder)
+
+  def eval_batches(self, batch_size: int, num_batches: int | None = None,
+                   process_index: int = 0, process_count: int = 1,
+                   drop_remainder: bool = False):
+    """Examples in order; the last batch is filled up with rows whose labels are all -100
+    (ignored) unless drop_remainder. At most `num_batches` batches."""
+    total = self.num_eval_batches(batch_size, process_count, drop_remainder)
+    if num_batches is not None:
+      total = min(total, int(num_batches))
+    for b in range(total):
+      idx, valid = eval_positions(b, batch_size, self.num_examples, process_index,
+                                  process_count)
+      yield self._eval_rows(idx, valid)
+
+  @abc.abstractmethod
+  def _eval_rows(self, indices: np.ndarray, valid: np.ndarray) -> dict:
+    """The evaluation batch of these example indices."""

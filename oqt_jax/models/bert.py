@@ -12,7 +12,7 @@ ffn_residual (LayerNorm input), ffn_ln_output.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
