@@ -611,3 +611,19 @@ def test_sampling_shards_partition_the_global_batch(n, batch, procs, step, seed)
   # The stream of positions 0 .. k*n - 1 is k permutations of range(n).
   order = sampling.train_indices(seed, np.arange(3 * n), n).reshape(3, n)
   assert all(sorted(row) == list(range(n)) for row in order)
+
+
+def test_trained_tokenizers_are_identical_across_processes():
+  """A fresh run of the same config gets the same token ids (the trainers' own numbering
+  depends on the process), so runs from scratch reproduce each other."""
+  import subprocess
+  import sys
+  code = ('import hashlib, json\n'
+          'from oqt_jax.data import tokenizer as T, embedded_documents\n'
+          'lines = [l for d in embedded_documents()[:40] for l in d.splitlines() if l.strip()]\n'
+          'for kind in ("bert_bpe", "bytelevel_bpe"):\n'
+          '  v = T.train_tokenizer(lines, kind, 512).get_vocab()\n'
+          '  print(hashlib.md5(json.dumps(sorted(v.items())).encode()).hexdigest())\n')
+  outs = [subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                         check=True).stdout for _ in range(2)]
+  assert len(outs[0].split()) == 2 and outs[0] == outs[1]

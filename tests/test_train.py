@@ -60,6 +60,8 @@ def test_tiny_config_trains_and_exports(tmp_path, env, opt_run, config_file, ext
   evals = metrics.read_metrics(str(workdir), kind='eval')
   assert sorted(evals) == [20, STEPS]
   assert evals[STEPS]['eval_perplexity'] < evals[20]['eval_perplexity']
+  for key in ('max_inf_norm', 'avg_kurtosis', 'max_kurtosis'):   # the paper's outlier figures
+    assert 0 < evals[STEPS][key] < 1e6, (key, evals[STEPS])
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['20', '40']
   assert list((workdir / 'tensorboard').glob('events.out.tfevents.*'))
   hf = workdir / 'hf'

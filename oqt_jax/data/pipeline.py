@@ -6,7 +6,7 @@ import numbers
 from oqt_jax.data import glue, lm, sources
 from oqt_jax.errors import ConfigError, DataError
 
-MIN_TRAINED_VOCAB = 512  # byte-level BPE needs 256 bytes + specials; WordPiece an alphabet
+MIN_TRAINED_VOCAB = 512  # byte-level BPE needs 256 bytes + specials; BERT's BPE an alphabet
 
 
 def _int(d, name: str, low: int, default) -> int:

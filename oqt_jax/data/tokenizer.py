@@ -12,8 +12,12 @@
 
 Trained tokenizers (ids fixed by the order of the special tokens):
 
-* BERT (model_type 'bert'): lowercasing WordPiece, `[PAD]`=0, `[UNK]`=1, `[CLS]`=2, `[SEP]`=3,
-  `[MASK]`=4; encodes "[CLS] A [SEP]" and "[CLS] A [SEP] B [SEP]" (token types 0 / 1).
+* BERT (model_type 'bert'): lowercasing BPE with a word-start marker (metaspace '▁') after
+  BERT's normalizer, punctuation split; `[PAD]`=0, `[UNK]`=1, `[CLS]`=2, `[SEP]`=3, `[MASK]`=4;
+  encodes "[CLS] A [SEP]" and "[CLS] A [SEP] B [SEP]" (token types 0 / 1). Not WordPiece:
+  the tokenizers library's WordPiece (and '##'-prefixed BPE) trainers pick different vocabularies
+  in different processes (hash-order tie breaking); this one, with an explicit sorted initial
+  alphabet, gives the same ids in every run, so runs from scratch reproduce each other.
 * OPT (model_type 'opt'): byte-level BPE, `<s>`=0, `<pad>`=1, `</s>`=2, `<unk>`=3; like OPT,
   `</s>` is both BOS and EOS and is prepended to every text; nothing is appended.
 """
@@ -36,10 +40,10 @@ OPT_SPECIAL_TOKENS = ('<s>', '<pad>', '</s>', '<unk>')
 
 
 def tokenizer_kind(config) -> str:
-  """'wordpiece' for BERT, 'bytelevel_bpe' for OPT (by config.model.model_type)."""
+  """'bert_bpe' for BERT, 'bytelevel_bpe' for OPT (by config.model.model_type)."""
   model_type = config.model.get('model_type', 'bert')
   if model_type == 'bert':
-    return 'wordpiece'
+    return 'bert_bpe'
   if model_type == 'opt':
     return 'bytelevel_bpe'
   raise ConfigError(f"model.model_type={model_type!r}: expected 'bert' or 'opt'")
@@ -47,7 +51,7 @@ def tokenizer_kind(config) -> str:
 
 def _wrap(tokenizer_object, kind: str, model_max_length: int):
   from transformers import PreTrainedTokenizerFast  # pylint: disable=import-outside-toplevel
-  if kind == 'wordpiece':
+  if kind == 'bert_bpe':
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer_object, pad_token='[PAD]', unk_token='[UNK]',
         cls_token='[CLS]', sep_token='[SEP]', mask_token='[MASK]',
@@ -59,7 +63,7 @@ def _wrap(tokenizer_object, kind: str, model_max_length: int):
 
 
 def train_tokenizer(lines, kind: str, vocab_size: int, model_max_length: int = 512):
-  """Train a BERT WordPiece or OPT byte-level BPE tokenizer on an iterable of lines.
+  """Train a BERT (lowercase BPE) or OPT (byte-level BPE) tokenizer on an iterable of lines.
 
   Feed lines or sentences, not whole documents: the trainers count words per input string,
   and a handful of huge strings yields an almost empty vocabulary.
@@ -67,15 +71,20 @@ def train_tokenizer(lines, kind: str, vocab_size: int, model_max_length: int = 5
   # pylint: disable=import-outside-toplevel
   from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
   from tokenizers import processors, trainers
-  if kind == 'wordpiece':
-    tok = Tokenizer(models.WordPiece(unk_token='[UNK]'))
+  if kind == 'bert_bpe':
+    lines = list(lines)
+    tok = Tokenizer(models.BPE(unk_token='[UNK]'))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True, clean_text=True,
                                                 handle_chinese_chars=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece(prefix='##')
-    trainer = trainers.WordPieceTrainer(
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Metaspace(),
+                                                 pre_tokenizers.Punctuation()])
+    tok.decoder = decoders.Metaspace()
+    alphabet = sorted({c for line in lines
+                       for piece, _ in tok.pre_tokenizer.pre_tokenize_str(
+                           tok.normalizer.normalize_str(line)) for c in piece})
+    trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=list(BERT_SPECIAL_TOKENS),
-        limit_alphabet=max(vocab_size // 4, 1), show_progress=False)
+        initial_alphabet=alphabet, show_progress=False)
     tok.train_from_iterator(lines, trainer=trainer)
     cls, sep = tok.token_to_id('[CLS]'), tok.token_to_id('[SEP]')
     tok.post_processor = processors.TemplateProcessing(

@@ -157,8 +157,9 @@ MODEL_INPUTS = {'bert': ('input_ids', 'attention_mask', 'token_type_ids'),
 
 
 @functools.lru_cache(maxsize=8)
-def make_eval_step(model):
-  """jit(variables, batch) -> (sums, intermediates): one forward with everything measured."""
+def make_eval_step(model, return_tensors: bool = True):
+  """jit(variables, batch) -> (sums, tensors): one forward with everything measured; the
+  measured tensors are outputs only with return_tensors (they cost memory at scale)."""
   mtype = model.cfg.model_type
   head = model.cfg.resolved_head
 
@@ -174,7 +175,7 @@ def make_eval_step(model):
     if head in ('mlm', 'clm') and labels is not None and out.logits is not None:
       ce, n = lm_loss_sums(out.logits, labels, mask, causal=head == 'clm')
       sums['_loss'] = {'ce_sum': ce, 'n_tokens': n}
-    return sums, tensors
+    return sums, (tensors if return_tensors else None)
   return jax.jit(step)
 
 
@@ -249,7 +250,7 @@ def evaluate(model, variables, batches: Iterable[Mapping[str, np.ndarray]], *,
   Returns the metrics dict (see finalize); with keep_first also (metrics, first) where first
   = (tensors, attention_mask) of the first batch on the host, for histograms.
   """
-  step = make_eval_step(model)
+  step = make_eval_step(model, return_tensors=keep_first)
   variables = {k: v for k, v in dict(variables).items() if k != 'intermediates'}
   it = iter(batches)
   if progress:

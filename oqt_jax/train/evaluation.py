@@ -2,7 +2,8 @@
 
 This is the hook the training loop calls every `eval_every_steps` and at the end; whatever
 keys it returns are written to TensorBoard and metrics.jsonl (kind 'eval'). It computes the
-validation loss (the head's loss: MLM or CLM, see losses.py) and perplexity = exp(loss).
+validation loss (the head's loss: MLM or CLM, see losses.py), perplexity = exp(loss), and the
+paper's outlier figures (max_inf_norm, avg_kurtosis, max_kurtosis; oqt_jax/evaluate/outliers.py).
 
 Extending it (outlier metrics, ...): add a function with the signature of `_loss_metrics`
 below to EVAL_METRIC_FNS (or call `register_eval_metrics(fn)`); each gets
@@ -103,7 +104,24 @@ def _loss_metrics(state, config, ds, batches: Iterable[Mapping[str, np.ndarray]]
           'eval_batches': n}
 
 
-EVAL_METRIC_FNS: list[Callable[..., dict]] = [_loss_metrics]
+def _outlier_metrics(state, config, ds, batches: Iterable[Mapping[str, np.ndarray]], mesh: Mesh
+                     ) -> dict[str, Any]:
+  """The paper's outlier figures of the current parameters (oqt_jax/evaluate/outliers.py)."""
+  from oqt_jax.evaluate import outliers
+  model = models.build(models.from_config(config.model))
+  step_fn = outliers.make_eval_step(model, return_tensors=False)
+  acc = None
+  with shd.activation_context(mesh):   # traced on the first call: the constraints apply
+    for b in batches:
+      sums, _ = step_fn({'params': state.params}, device_eval_batch(b, mesh))
+      acc = outliers.accumulate(acc, sums)
+  if acc is None:
+    return {}
+  m = outliers.finalize(acc, model.cfg.model_type, model.cfg.num_layers)
+  return {k: m[k] for k in ('max_inf_norm', 'avg_kurtosis', 'max_kurtosis')}
+
+
+EVAL_METRIC_FNS: list[Callable[..., dict]] = [_loss_metrics, _outlier_metrics]
 
 
 def register_eval_metrics(fn: Callable[..., dict]) -> Callable[..., dict]:
