@@ -8,6 +8,7 @@ import pytest
 
 from oqt_jax import models
 from oqt_jax.evaluate import outliers
+from oqt_jax.train import losses
 
 
 def np_inf_norm(x, mask):
@@ -135,7 +136,7 @@ def test_bert_kurtosis_only_of_ffn_output_and_ln_output():
   assert outliers.KURTOSIS_TENSORS['bert'] == ('ffn_output', 'ffn_ln_output')
 
 
-def test_lm_loss_sums_mlm_and_clm():
+def test_eval_loss_sums_mlm_and_clm():
   rng = np.random.default_rng(3)
   logits = rng.normal(size=(2, 6, 11)).astype(np.float32)
   labels = rng.integers(0, 11, (2, 6)).astype(np.int32)
@@ -148,10 +149,11 @@ def test_lm_loss_sums_mlm_and_clm():
     return [-lp[b, t, lab[b, t]] for b in range(lab.shape[0]) for t in range(lab.shape[1])
             if valid[b, t]]
 
-  ce, n = outliers.lm_loss_sums(logits, labels, mask, causal=False)
+  batch = {'labels': labels, 'attention_mask': mask}
+  ce, n = losses.loss_for_head('mlm', logits, batch)
   ref = np_ce(logp, labels, (labels != -100) & (mask == 1))
   assert float(n) == len(ref) and float(ce) == pytest.approx(sum(ref), rel=1e-5)
-  ce, n = outliers.lm_loss_sums(logits, labels, mask, causal=True)
+  ce, n = losses.loss_for_head('clm', logits, batch)
   ref = np_ce(logp[:, :-1], labels[:, 1:], (labels[:, 1:] != -100) & (mask[:, 1:] == 1))
   assert float(n) == len(ref) and float(ce) == pytest.approx(sum(ref), rel=1e-5)
 

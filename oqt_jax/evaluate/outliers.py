@@ -46,6 +46,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from oqt_jax.train import losses
+
 TENSORS = {
     'bert': ('ffn_output', 'ffn_residual', 'ffn_ln_output'),
     'opt': ('attn_output', 'attn_ln_output', 'ffn_output', 'ffn_ln_output', 'layer_output'),
@@ -130,20 +132,6 @@ def collect_tensors(intermediates: Mapping, model_type: str) -> dict[str, Any]:
   return out
 
 
-def lm_loss_sums(logits, labels, attention_mask, causal: bool):
-  """(sum of token cross-entropies, number of tokens) over labels != -100."""
-  logits = logits.astype(jnp.float32)
-  if causal:
-    logits, labels = logits[:, :-1], labels[:, 1:]
-    valid = (labels != IGNORE) & attention_mask[:, 1:].astype(bool)
-  else:
-    valid = (labels != IGNORE) & attention_mask.astype(bool)
-  safe = jnp.where(valid, labels, 0)
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
-  return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid.astype(jnp.float32))
-
-
 def sequence_weight(batch_labels, attention_mask):
   """1 for sequences that count, 0 for filler rows (all labels -100)."""
   if batch_labels is None or batch_labels.ndim != 2:
@@ -172,8 +160,8 @@ def make_eval_step(model, return_tensors: bool = True):
     w = sequence_weight(labels if head in ('mlm', 'clm') else None, mask)
     sums = {name: tensor_sums(x, mask, w, kurtosis=_kurtosis_of(name, mtype))
             for name, x in tensors.items()}
-    if head in ('mlm', 'clm') and labels is not None and out.logits is not None:
-      ce, n = lm_loss_sums(out.logits, labels, mask, causal=head == 'clm')
+    if head in ('mlm', 'clm', 'cls') and labels is not None and out.logits is not None:
+      ce, n = losses.loss_for_head(head, out.logits, batch)   # the training loss
       sums['_loss'] = {'ce_sum': ce, 'n_tokens': n}
     return sums, (tensors if return_tensors else None)
   return jax.jit(step)

@@ -6,7 +6,7 @@
 
 Modules: config (validate_train_config), losses (MLM / CLM as (sum, count)), optimizer (AdamW,
 schedule, decay mask), sharding (mesh, logical-axis rules, jax.distributed start-up), state
-(TrainState created in its shardings), step (jitted train / eval steps), checkpoint (Orbax
+(TrainState created in its shardings), step (the jitted train step), checkpoint (Orbax
 manager with corrupt-step fallback), metrics (TensorBoard + metrics.jsonl), evaluation
 (`evaluate` and its extension hook), loop (`train_and_evaluate`), testing (test helpers).
 """

@@ -5,7 +5,7 @@ keys it returns are written to TensorBoard and metrics.jsonl (kind 'eval'). It c
 validation loss (the head's loss: MLM or CLM, see losses.py), perplexity = exp(loss), and the
 paper's outlier figures (max_inf_norm, avg_kurtosis, max_kurtosis; oqt_jax/evaluate/outliers.py).
 
-Extending it (outlier metrics, ...): add a function with the signature of `_loss_metrics`
+Extending it: add a function with the signature of `_eval_metrics`
 below to EVAL_METRIC_FNS (or call `register_eval_metrics(fn)`); each gets
 (state, config, ds, batches, mesh) and returns a dict merged into the result. `batches` is a
 list of this process's host (numpy) eval batches, padded to a fixed shape so every jitted
@@ -13,7 +13,6 @@ function compiles once; `device_eval_batch(b, mesh)` turns one into global devic
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Callable, Iterable, Mapping, Optional
 
@@ -25,7 +24,6 @@ from oqt_jax import models
 from oqt_jax.errors import ConfigError
 from oqt_jax.train import losses
 from oqt_jax.train import sharding as shd
-from oqt_jax.train.step import make_eval_step
 
 BATCH_KEYS = ('input_ids', 'attention_mask', 'token_type_ids', 'labels')
 PAD_VALUES = {'labels': losses.IGNORE_INDEX}
@@ -52,11 +50,6 @@ def mesh_of(tree) -> Mesh:
     if hasattr(sh, 'mesh'):
       return sh.mesh
   raise ValueError('cannot find a mesh: pass mesh=')
-
-
-@functools.lru_cache(maxsize=16)
-def _cached_eval_step(apply_fn: Callable, head: str, model_type: str, mesh: Mesh | None = None):
-  return make_eval_step(apply_fn, head, model_type, mesh)
 
 
 def eval_batches(config, ds, batch_size: Optional[int] = None,
@@ -88,40 +81,30 @@ def device_eval_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, 
   return shd.replicated_batch(batch, mesh)
 
 
-def _loss_metrics(state, config, ds, batches: Iterable[Mapping[str, np.ndarray]], mesh: Mesh
+def _eval_metrics(state, config, ds, batches: Iterable[Mapping[str, np.ndarray]], mesh: Mesh
                   ) -> dict[str, Any]:
-  mcfg = models.from_config(config.model)
-  step_fn = _cached_eval_step(state.apply_fn, mcfg.resolved_head, mcfg.model_type, mesh)
-  total, count, n = 0.0, 0.0, 0
-  for b in batches:
-    s, c = step_fn(state.params, device_eval_batch(b, mesh))
-    total += float(s)
-    count += float(c)
-    n += 1
-  loss = total / max(count, 1.0)
-  ppl = math.exp(loss) if loss < 700 else float('inf')
-  return {'eval_loss': loss, 'eval_perplexity': ppl, 'eval_tokens': int(count),
-          'eval_batches': n}
-
-
-def _outlier_metrics(state, config, ds, batches: Iterable[Mapping[str, np.ndarray]], mesh: Mesh
-                     ) -> dict[str, Any]:
-  """The paper's outlier figures of the current parameters (oqt_jax/evaluate/outliers.py)."""
+  """Validation loss / perplexity and the paper's outlier figures, from one forward a batch
+  (the jitted step of oqt_jax/evaluate/outliers.py, which uses the training loss)."""
   from oqt_jax.evaluate import outliers
   model = models.build(models.from_config(config.model))
   step_fn = outliers.make_eval_step(model, return_tensors=False)
-  acc = None
+  acc, n = None, 0
   with shd.activation_context(mesh):   # traced on the first call: the constraints apply
     for b in batches:
       sums, _ = step_fn({'params': state.params}, device_eval_batch(b, mesh))
       acc = outliers.accumulate(acc, sums)
+      n += 1
   if acc is None:
     return {}
   m = outliers.finalize(acc, model.cfg.model_type, model.cfg.num_layers)
-  return {k: m[k] for k in ('max_inf_norm', 'avg_kurtosis', 'max_kurtosis')}
+  loss = m['loss'] if m['loss'] is not None else float('nan')
+  return {'eval_loss': loss, 'eval_perplexity': math.exp(loss) if loss < 700 else float('inf'),
+          'eval_tokens': m['num_tokens'], 'eval_batches': n,
+          'max_inf_norm': m['max_inf_norm'], 'avg_kurtosis': m['avg_kurtosis'],
+          'max_kurtosis': m['max_kurtosis']}
 
 
-EVAL_METRIC_FNS: list[Callable[..., dict]] = [_loss_metrics, _outlier_metrics]
+EVAL_METRIC_FNS: list[Callable[..., dict]] = [_eval_metrics]
 
 
 def register_eval_metrics(fn: Callable[..., dict]) -> Callable[..., dict]:

@@ -26,9 +26,12 @@ def cross_entropy_sum(logits, labels, weights):
   return jnp.sum((logz - picked) * weights), jnp.sum(weights)
 
 
-def mlm_loss(logits, labels):
-  """(sum, count) of the masked-LM cross-entropy; labels -100 are ignored."""
-  return cross_entropy_sum(logits, labels, labels != IGNORE_INDEX)
+def mlm_loss(logits, labels, attention_mask=None):
+  """(sum, count) of the masked-LM cross-entropy; labels -100 (and padding) are ignored."""
+  weights = labels != IGNORE_INDEX
+  if attention_mask is not None:
+    weights = weights & (attention_mask > 0)
+  return cross_entropy_sum(logits, labels, weights)
 
 
 def clm_loss(logits, labels, attention_mask=None):
@@ -51,7 +54,7 @@ def classification_loss(logits, labels):
 def loss_for_head(head: str, logits, batch: Mapping[str, jax.Array]):
   """(sum, count) for a model head ('mlm' | 'clm' | 'cls') on a data batch."""
   if head == 'mlm':
-    return mlm_loss(logits, batch['labels'])
+    return mlm_loss(logits, batch['labels'], batch.get('attention_mask'))
   if head == 'clm':
     return clm_loss(logits, batch['labels'], batch.get('attention_mask'))
   if head == 'cls':

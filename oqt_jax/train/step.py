@@ -92,15 +92,3 @@ def make_train_step(model: nn.Module, head: str, schedule: optax.Schedule,
   rep = shd.replicated(mesh)
   return jax.jit(train_step, in_shardings=(shardings, bshard),
                  out_shardings=(shardings, rep), donate_argnums=(0,) if donate else ())
-
-
-def make_eval_step(apply_fn: Callable, head: str, model_type: str, mesh: Mesh | None = None):
-  """jit(eval_step)(params, batch) -> (loss_sum, count), deterministic (no dropout).
-
-  With `mesh`, the model's activation sharding constraints apply (as in the train step)."""
-  def eval_step(params, batch):
-    if mesh is None:
-      return loss_sum_fn(apply_fn, head, model_type, params, batch, deterministic=True)
-    with shd.activation_context(mesh):
-      return loss_sum_fn(apply_fn, head, model_type, params, batch, deterministic=True)
-  return jax.jit(eval_step)
