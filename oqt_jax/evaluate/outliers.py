@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from oqt_jax.train import losses
+from oqt_jax.train.evaluation import pad_batch   # filler rows: mask 0, labels -100
 
 TENSORS = {
     'bert': ('ffn_output', 'ffn_residual', 'ffn_ln_output'),
@@ -173,19 +174,6 @@ def accumulate(acc, sums):
   def add(path, a, b):
     return jnp.maximum(a, b) if path[-1].key == 'inf_max' else a + b
   return jax.tree_util.tree_map_with_path(add, acc, sums)
-
-
-def pad_batch(batch: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
-  """Pads a short last batch with rows that count nowhere (mask 0, labels -100)."""
-  n = next(iter(batch.values())).shape[0]
-  if n >= rows:
-    return dict(batch)
-  out = {}
-  for k, v in batch.items():
-    fill = IGNORE if k == 'labels' else 0
-    pad = np.full((rows - n,) + v.shape[1:], fill, v.dtype)
-    out[k] = np.concatenate([v, pad], 0)
-  return out
 
 
 def finalize(acc, model_type: str, num_layers: int) -> dict:
