@@ -48,5 +48,10 @@ def main(argv):
     sys.exit(2)
 
 
+def _parse_flags(argv):
+  from oqt_jax.config import parse_cli_flags   # every flag mistake: one line `error: ...`, exit 2
+  return parse_cli_flags(argv)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

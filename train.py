@@ -7,7 +7,8 @@
 Rerunning the same command resumes from the newest readable checkpoint in
 WORKDIR/checkpoints. The same command runs on one CPU, one GPU, a TPU VM or, launched once
 per host (SLURM srun, TPU `--worker=all`), a multi-host cluster.
-Exit status: 0 done, 2 bad config / data / checkpoint (one line `error: ...`), 128+signal
+Exit status: 0 done, 2 bad config / data / checkpoint, non-finite loss (config.nonfinite) or
+a failed checkpoint save (one line `error: ...`), 128+signal
 when stopped by SIGTERM / SIGINT after saving a checkpoint.
 """
 import sys
@@ -31,18 +32,23 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   if not FLAGS['verbosity'].present:       # Orbax logs every save at INFO; keep stderr readable
     logging.set_verbosity(logging.WARNING)
-  from oqt_jax.errors import CheckpointError, ConfigError, DataError
+  from oqt_jax.errors import CheckpointError, ConfigError, DataError, NonFiniteError
   try:
     from oqt_jax.train import sharding
     sharding.maybe_initialize_distributed(FLAGS.distributed)
     from oqt_jax.train.loop import train_and_evaluate
     summary = train_and_evaluate(FLAGS.config, FLAGS.workdir, progress=FLAGS.progress)
-  except (ConfigError, DataError, CheckpointError) as e:
+  except (ConfigError, DataError, CheckpointError, NonFiniteError) as e:
     print(f'error: {" ".join(str(e).split())}', file=sys.stderr, flush=True)
     sys.exit(2)
   if summary.get('interrupted'):
     sys.exit(128 + int(summary['interrupted']))
 
 
+def _parse_flags(argv):
+  from oqt_jax.config import parse_cli_flags   # every flag mistake: one line `error: ...`, exit 2
+  return parse_cli_flags(argv)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

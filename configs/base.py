@@ -116,4 +116,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_every_steps = 1000
   c.log_every_steps = 50
   c.export_hf = True               # write the final model as an HF checkpoint dir
+  c.nonfinite = 'stop'             # non-finite loss / gradient: 'stop' (exit 2, nothing saved) | 'skip' (update skipped)
+  c.max_skipped_steps = 10         # nonfinite='skip': stop after this many non-finite steps in a row
   return c

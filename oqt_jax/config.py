@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
+import sys
+import tempfile
+from typing import Optional, Sequence
 
 import ml_collections
 
@@ -16,7 +20,12 @@ def load_config_file(path: str, overrides: dict | None = None) -> ml_collections
     raise ConfigError(f'--config={path}: no such file')
   spec = importlib.util.spec_from_file_location('oqt_config', path)
   mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
+  try:
+    spec.loader.exec_module(mod)
+  except Exception as e:
+    raise ConfigError(f'--config={path}: cannot be loaded ({_exc_line(e)})') from e
+  if not callable(getattr(mod, 'get_config', None)):
+    raise ConfigError(f'--config={path}: does not define get_config()')
   cfg = mod.get_config()
   for key, value in (overrides or {}).items():
     node = cfg
@@ -44,3 +53,131 @@ def validate(config) -> ml_collections.ConfigDict:
     mod = importlib.import_module(module)
     getattr(mod, fn)(config)
   return config
+
+
+# ---------------------------------------------------------------------------- workdir
+def prepare_workdir(path, field: str = 'workdir') -> str:
+  """Create `path` (and parents) and check that files can be written there; returns the
+  absolute path. ConfigError 'workdir=PATH: why' otherwise (an existing file, /proc/x,
+  a read-only or permission-denied location)."""
+  path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ConfigError(f'{field}={path}: exists and is not a directory')
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    raise ConfigError(f'{field}={path}: cannot be created ({e.strerror or e})') from None
+  try:
+    fd, probe = tempfile.mkstemp(prefix='.write_check_', dir=path)
+    os.close(fd)
+    os.remove(probe)
+  except OSError as e:
+    raise ConfigError(f'{field}={path}: not writable ({e.strerror or e})') from None
+  return path
+
+
+# ---------------------------------------------------------------------------- command line
+def _exc_line(e: BaseException, limit: int = 200) -> str:
+  text = ' '.join(str(e).split())
+  text = text[:limit] + ('...' if len(text) > limit else '')
+  return f'{type(e).__name__}: {text}' if text else type(e).__name__
+
+
+def cli_error(message: str, status: int = 2):
+  """Print one line `error: message` to stderr and exit (status 2)."""
+  print(f'error: {" ".join(str(message).split())}', file=sys.stderr, flush=True)
+  sys.exit(status)
+
+
+def _flag_values(argv: Sequence[str], name: str) -> list[tuple[str, str]]:
+  """[(flag, value)] of `--name=V` / `--name V` / `--name.sub=V` occurrences in argv."""
+  out = []
+  args = list(argv[1:])
+  for i, a in enumerate(args):
+    if a == '--':
+      break
+    for prefix in ('--', '-'):
+      if a.startswith(prefix + name) and a[len(prefix) + len(name):len(prefix) + len(name) + 1] \
+          in ('', '=', '.'):
+        flag, eq, val = a[len(prefix):].partition('=')
+        if not eq and '.' not in flag:
+          val = args[i + 1] if i + 1 < len(args) else ''
+        out.append((flag, val))
+        break
+  return out
+
+
+def _unknown_field_message(e: BaseException, argv, name: str) -> Optional[str]:
+  """'--config.num_train_step=2: no config field 'num_train_step' (did you mean ...)'."""
+  text = str(e)
+  hint = None
+  m = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', text)
+  if m:
+    hint, key = m.group(1), m.group(2)
+  else:
+    m = re.search(r"(\w+)", text)
+    if not m:
+      return None
+    key = m.group(1)
+  for flag, val in _flag_values(argv, name):
+    parts = flag.split('.')[1:]
+    if key in parts:
+      where = '.'.join(parts[:parts.index(key) + 1])
+      msg = f'--{flag}={val}: no config field {where!r}'
+      if hint:
+        msg += f'; did you mean {".".join(parts[:parts.index(key)] + [hint])!r}?'
+      return msg
+  return None
+
+
+def parse_cli_flags(argv: Sequence[str], flag_values=None, config_flag: str = 'config'):
+  """absl `flags_parser` for train.py / eval.py: parses argv like absl, but every mistake in
+  it (a --config file that is missing or lacks get_config(), a misspelled --config.field,
+  an unknown flag, a bad value) ends as one line `error: ...` with exit status 2, no
+  traceback. Use as `app.run(main, flags_parser=parse_cli_flags)`."""
+  from absl import flags
+  fv = flag_values if flag_values is not None else flags.FLAGS
+  for flag, path in _flag_values(argv, config_flag):
+    if flag == config_flag:
+      file = path.split(':', 1)[0]
+      if not file:
+        cli_error(f'--{config_flag}: expects a config file (configs/*.py)')
+      if not os.path.isfile(file):
+        cli_error(f'--{config_flag}={path}: no such file')
+  try:
+    rest = fv(list(argv))
+  except flags.Error as e:
+    text = str(e)
+    if 'Did you mean' in text or 'has no attribute' in text:
+      msg = _unknown_field_message(e, argv, config_flag)
+      if msg:
+        cli_error(msg)
+    if 'Traceback' in text:   # get_config() raised: ml_collections embeds the traceback
+      last = [l.strip() for l in text.splitlines() if l.strip()][-1]
+      cli_error(f'--{config_flag}={_config_path(argv, config_flag)}: cannot be loaded ({last})')
+    cli_error(text)
+  except (AttributeError, KeyError) as e:
+    if 'get_config' in str(e):
+      cli_error(f'--{config_flag}={_config_path(argv, config_flag)}: does not define '
+                'get_config()')
+    cli_error(_unknown_field_message(e, argv, config_flag) or
+              f'--{config_flag}: {_exc_line(e)}')
+  except Exception as e:   # the config file itself raised
+    cli_error(f'--{config_flag}={_config_path(argv, config_flag)}: cannot be loaded '
+              f'({_exc_line(e)})')
+  if config_flag in fv:
+    value = fv[config_flag].value
+    if type(value).__name__ == '_ErrorConfig':   # ml_collections defers load errors
+      err = object.__getattribute__(value, '_error')
+      cli_error(f'--{config_flag}={_config_path(argv, config_flag)}: cannot be loaded '
+                f'({_exc_line(err)})')
+    if value is None and fv[config_flag].present:
+      cli_error(f'--{config_flag}={_config_path(argv, config_flag)}: get_config() returned None')
+  return rest
+
+
+def _config_path(argv, name: str) -> str:
+  for flag, val in _flag_values(argv, name):
+    if flag == name:
+      return val
+  return ''

@@ -11,3 +11,7 @@ class DataError(ValueError):
 
 class CheckpointError(RuntimeError):
   """A checkpoint (or HF checkpoint dir) is missing, corrupt or does not match the model."""
+
+
+class NonFiniteError(RuntimeError):
+  """Training produced a non-finite loss, gradient or state; the message names the step."""

@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 
 from oqt_jax import models
+from oqt_jax.config import prepare_workdir
 from oqt_jax.errors import CheckpointError, ConfigError, DataError
 from oqt_jax.evaluate import outliers, plots
 
@@ -67,6 +68,10 @@ def load_model(config, workdir: Optional[str], hf_model: Optional[str] = None):
   from oqt_jax.models import hf
   if hf_model:
     path = os.path.expanduser(hf_model)
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, 'config.json')):
+      raise CheckpointError(f'--hf_model={hf_model}: no config.json in {path}')
+    if not os.path.exists(path) and (os.path.isabs(path) or path.startswith('.')):
+      raise CheckpointError(f'--hf_model={hf_model}: no such directory')
     return (*hf.load(path, **_variant_overrides(config, path)), path)
   if not workdir:
     raise CheckpointError('no model: pass --workdir of a training run or --hf_model PATH')
@@ -157,6 +162,98 @@ def calibration_batches(ds, batch_size: int, num: int):
     yield from ds.eval_batches(batch_size, num)
 
 
+# ---- checks before any evaluation ------------------------------------------------------------
+def model_points(model_type: str) -> tuple[frozenset, frozenset]:
+  """(per-layer, global) point names of quant_dict keys for one model type."""
+  from oqt_jax.quant import points as P
+  layer = set(P.LAYER_ACTS[model_type]) | {'L'}
+  layer |= {'w' + a for a in P.LAYER_ACTS[model_type] if a in P.WEIGHTED}
+  glob = set(P.GLOBAL_ACTS[model_type]) | set(P.TABLES[model_type])
+  glob |= {'w' + a for a in P.GLOBAL_ACTS[model_type] if a in P.WEIGHTED}
+  return frozenset(layer), frozenset(glob)
+
+
+def check_quant_points(qcfg, model_type: str, num_layers: Optional[int] = None) -> None:
+  """quant_dict keys exist for this model type (and layer indices < num_layers); the
+  message lists only this model's points."""
+  import ast
+  from oqt_jax.quant import points as P
+  spec = qcfg.get('quant_dict', '') if hasattr(qcfg, 'get') else ''
+  if model_type not in P.LAYER_ACTS or not spec:
+    return
+  try:
+    d = ast.literal_eval(spec.strip()) if isinstance(spec, str) else spec
+    d = d.to_dict() if hasattr(d, 'to_dict') else dict(d)
+  except Exception:   # not a dict: validate_quant_config says so
+    return
+  layer, glob = model_points(model_type)
+  field = 'quant.quant_dict'
+  for key in d:
+    m = P.KEY_RE.match(str(key))
+    base, idx = (m.group(1), m.group(2)) if m else (str(key), None)
+    if base in layer:
+      if idx is not None and num_layers is not None and int(idx) >= num_layers:
+        raise ConfigError(f'{field}: point {key!r}: the {model_type} model has {num_layers} '
+                          f'layers (0..{num_layers - 1})')
+    elif base in glob:
+      if idx is not None:
+        raise ConfigError(f'{field}: point {key!r}: {base!r} is not a per-layer point')
+    else:
+      raise ConfigError(f'{field}: unknown point {key!r} for {model_type} (known: '
+                        f'{", ".join(sorted(layer | glob))}, per-layer ones with an optional '
+                        'layer index)')
+
+
+def check_quant_for_model(config, model, variables) -> None:
+  """Settings that can only fail on this model (unknown points, PEG groups that do not divide
+  a point's width) as ConfigError now, before any evaluation: the calibration's first pass
+  is traced abstractly (no computation)."""
+  from oqt_jax import quant
+  check_quant_points(config.quant, model.cfg.model_type, model.cfg.num_layers)
+  quant.validate_quant_config(config)
+  try:
+    hooks = quant.hooks(config.quant, model.cfg)
+    init_model = model.clone(quant=hooks.with_mode('init'))
+  except ConfigError:
+    raise
+  except Exception:   # calibration reports anything else itself
+    return
+  ids = jax.ShapeDtypeStruct((1, 8), np.int32)
+  inputs = {'input_ids': ids, 'attention_mask': ids}
+  params = {k: v for k, v in dict(variables).items() if k == 'params'}
+  try:
+    jax.eval_shape(lambda v, i: init_model.apply(v, **i, mutable=['quant']), params, inputs)
+  except ConfigError:
+    raise
+  except Exception:
+    return
+
+
+def check_finite_params(variables, source) -> None:
+  from oqt_jax.train.nonfinite import nonfinite_leaves
+  bad = nonfinite_leaves(variables.get('params', variables))
+  if bad:
+    raise CheckpointError(f'{source}: non-finite parameters ({bad[0]}; {len(bad)} array(s) '
+                          'with NaN or Inf): nothing to evaluate')
+
+
+def check_finite_metrics(metrics, source, what='model') -> None:
+  """DataError when no token was evaluated; CheckpointError when the model's loss or
+  activation statistics are NaN / Inf (never reported as numbers)."""
+  loss = metrics.get('loss')
+  if loss is not None and not metrics.get('num_tokens'):
+    raise DataError('validation split: the evaluation batches have no valid (non-padding) '
+                    'tokens')
+  if loss is not None and not math.isfinite(loss):
+    raise CheckpointError(f'{source}: the {what} gives a non-finite evaluation loss ({loss}): '
+                          'its activations overflow on this data')
+  for k in ('max_inf_norm', 'max_inf_norm_any'):
+    v = metrics.get(k)
+    if isinstance(v, float) and not math.isfinite(v):
+      raise CheckpointError(f'{source}: the {what} has non-finite activation statistics '
+                            f'({k} {v})')
+
+
 # ---- the run ---------------------------------------------------------------------------------
 def _nan_to_none(x):
   if isinstance(x, float) and not math.isfinite(x):
@@ -175,22 +272,36 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: Optional[str], *,
                  progress: bool = True) -> dict[str, Any]:
   """Evaluate FP (and with `quantize` the calibrated quantized model); write metrics + plots."""
   from oqt_jax import quant
+  for flag, v in (('--num_batches', num_batches), ('--batch_size', batch_size)):
+    if v is not None and v < 1:
+      raise ConfigError(f'{flag}={v}: must be >= 1')
   if quantize:
+    if not hf_model:
+      check_quant_points(config.quant, config.model.get('model_type', ''))
     quant.validate_quant_config(config)
   out_dir = out_dir or workdir
   if not out_dir:
     raise ConfigError('--workdir: needed to write eval_metrics.json (or give out_dir)')
   model, variables, source = load_model(config, workdir, hf_model)
   config = sync_config(config, model, source)
+  check_finite_params(variables, source)
+  if quantize:
+    check_quant_for_model(config, model, variables)
+  out_dir = prepare_workdir(out_dir, field='--workdir')
   mtype = model.cfg.model_type
   bs = int(batch_size or config.get('eval_batch_size', 32))
   nb = int(num_batches or config.get('num_eval_batches', 50))
   val, cal = datasets(config, workdir, calib=quantize)
   nb = min(nb, val.num_eval_batches(bs)) if hasattr(val, 'num_eval_batches') else nb
+  if nb < 1:
+    raise DataError(f'validation split: no evaluation batch (config.num_eval_batches='
+                    f'{config.get("num_eval_batches")}, {val.num_eval_batches(bs) if hasattr(val, "num_eval_batches") else 0} '
+                    f'batches of {bs} in the split)')
   _info(f'evaluating {mtype} ({model.cfg.resolved_head}) from {source}: {nb} batches of {bs}')
 
   fp, fp_first = outliers.evaluate(model, variables, val.eval_batches(bs, nb), num_batches=nb,
                                    progress=progress, desc='FP eval', keep_first=True)
+  check_finite_metrics(fp, source)
   print(outliers.format_table(fp, mtype))
   print(outliers.format_summary(fp))
   result: dict[str, Any] = dict(fp)
@@ -207,6 +318,7 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: Optional[str], *,
         progress=progress)
     q, q_first = outliers.evaluate(qmodel, qvars, val.eval_batches(bs, nb), num_batches=nb,
                                    progress=progress, desc='quantized eval', keep_first=True)
+    check_finite_metrics(q, source, what='quantized model')
     print(outliers.format_table(q, mtype))
     print(outliers.format_summary(q, prefix='quantized '))
     q = dict(q, quant_config=qcfg.to_dict(),

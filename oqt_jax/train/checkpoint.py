@@ -17,7 +17,8 @@ from typing import Any, Callable, Optional
 import jax
 import orbax.checkpoint as ocp
 
-from oqt_jax.errors import CheckpointError
+from oqt_jax.errors import CheckpointError, NonFiniteError
+from oqt_jax.train.nonfinite import nonfinite_leaves
 
 CHECKPOINT_DIR = 'checkpoints'
 CORRUPT_DIR = 'checkpoints_corrupt'
@@ -106,25 +107,57 @@ class Checkpointer:
     return os.path.join(self.directory, str(step))
 
   # ------------------------------------------------------------------ save
+  def due(self, step: int) -> bool:
+    """Whether save(step, ...) would write a periodic checkpoint."""
+    step = int(step)
+    return step % self.every == 0 and step not in self._requested
+
   def save(self, step: int, items: Any, *, force: bool = False) -> bool:
-    """Save `items` at `step` (async) when the interval says so or `force`; returns saved?"""
+    """Save `items` at `step` (async) when the interval says so or `force`; returns saved?
+
+    Never writes a NaN / Inf (NonFiniteError naming the array). A failed write (disk full,
+    permissions, an earlier async save that failed) raises CheckpointError naming the step
+    dir; the previous checkpoints stay as they were."""
     step = int(step)
     if not force and step % self.every:
       return False
     if step in self._requested or step in self._manager.all_steps():
       return False
+    bad = nonfinite_leaves(items)
+    if bad:
+      raise NonFiniteError(f'step {step}: non-finite values in {bad[0]} ({len(bad)} array(s)); '
+                           f'checkpoint not written')
     # The interval is decided here (Orbax would also save the very first step it sees).
-    saved = self._manager.save(step, args=ocp.args.StandardSave(items), force=True)
+    try:
+      saved = self._manager.save(step, args=ocp.args.StandardSave(items), force=True)
+    except Exception as e:
+      raise self._save_error(step, e) from e
     if saved:
       self._requested.add(step)
     return saved
 
+  def _save_error(self, step: int, e: BaseException) -> CheckpointError:
+    prev = [s for s in self._committed_steps() if s < step]
+    kept = (f'the previous checkpoint {self.step_dir(prev[-1])} is kept' if prev
+            else 'no earlier checkpoint')
+    return CheckpointError(f'{self.step_dir(step)}: checkpoint save failed ({_one_line(e)}); '
+                           f'{kept}')
+
+  def _committed_steps(self) -> list[int]:
+    try:
+      return sorted(int(n) for n in os.listdir(self.directory) if n.isdigit())
+    except OSError:
+      return []
+
   def wait(self):
-    self._manager.wait_until_finished()
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:
+      raise self._save_error(max(self._requested, default=0), e) from e
 
   def close(self):
     try:
-      self._manager.wait_until_finished()
+      self.wait()
     finally:
       self._manager.close()
 

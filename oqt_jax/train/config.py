@@ -13,6 +13,7 @@ from oqt_jax.errors import ConfigError
 
 LR_SCHEDULES = ('linear', 'cosine', 'constant')
 COMPUTE_DTYPES = ('float32', 'bfloat16', 'float16')
+NONFINITE_MODES = ('stop', 'skip')
 MESH_AXES = ('data', 'fsdp', 'tensor')
 
 
@@ -79,6 +80,10 @@ def validate_train_config(config) -> None:
   _int(config, 'log_every_steps', 1)
   if not isinstance(_get(config, 'export_hf', True), bool):
     _bad('export_hf', _get(config, 'export_hf'), 'must be True or False')
+  nf = _get(config, 'nonfinite', 'stop')
+  if nf not in NONFINITE_MODES:
+    _bad('nonfinite', nf, f'expected one of {NONFINITE_MODES}')
+  _int(config, 'max_skipped_steps', 1, default=10)
   validate_mesh_config(_get(config, 'mesh'))
 
 

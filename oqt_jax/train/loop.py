@@ -9,6 +9,7 @@ resumed run reproduces the uninterrupted one step for step.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -21,13 +22,14 @@ import ml_collections
 import numpy as np
 
 from oqt_jax import data, models
-from oqt_jax.errors import ConfigError
+from oqt_jax.errors import CheckpointError, ConfigError, NonFiniteError
 from oqt_jax.train import sharding as shd
 from oqt_jax.train.checkpoint import Checkpointer
-from oqt_jax.config import validate
+from oqt_jax.config import prepare_workdir, validate
 from oqt_jax.train.config import check_batch_fit
 from oqt_jax.train.evaluation import evaluate
 from oqt_jax.train.metrics import MetricWriter
+from oqt_jax.train.nonfinite import NonFiniteMonitor, nonfinite_leaves, window_record
 from oqt_jax.train.optimizer import make_optimizer
 from oqt_jax.train.state import TrainState, abstract_state, create_train_state, state_shardings
 from oqt_jax.train.step import make_train_step
@@ -175,6 +177,10 @@ def export_hf(model, state: TrainState, tokenizer, out_dir: str) -> Optional[str
   except ImportError as e:
     _info(f'HF export skipped: oqt_jax.models.hf unavailable ({e})')
     return None
+  bad = nonfinite_leaves(state.params)
+  if bad:
+    raise NonFiniteError(f'HF export to {out_dir}: non-finite values in {bad[0]} '
+                         f'({len(bad)} array(s)); not written')
   params = shd.to_host(state.params)
   if jax.process_index() != 0:
     return None
@@ -195,8 +201,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if '://' in workdir:
     raise ConfigError(f'workdir={workdir!r}: must be a filesystem path every host sees (mount a '
                       'bucket with gcsfuse, or use NFS / Filestore)')
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = prepare_workdir(workdir)
 
   mesh = shd.create_mesh(config.mesh, devices)
   global_rows = check_batch_fit(config, mesh.size, shd.batch_shards(mesh), jax.process_count())
@@ -227,6 +232,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   else:
     state = create_train_state(model, tx, mesh, config.seed, shardings)
     start = 0
+  schedule_note = schedule_change(config, workdir, start) if items is not None else None
+  if schedule_note:
+    _info(schedule_note)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'config.json'), 'w') as fh:
       fh.write(config.to_json_best_effort(indent=2, sort_keys=True))
@@ -239,6 +247,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   writer = MetricWriter(workdir)
   if start:
     writer.event(start, 'resume', checkpoint=ckpt.step_dir(restored_step))
+  if schedule_note:
+    writer.event(start, 'schedule_change', message=schedule_note)
+  monitor = NonFiniteMonitor(config.get('nonfinite', 'stop'), config.get('max_skipped_steps', 10))
   batch_keys = None
   train_step = None
   total = int(config.num_train_steps)
@@ -255,6 +266,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   step = start
   pending: list[dict] = []
+  pending_steps: list[int] = []
+  halted = False          # a non-finite step or a failed save: nothing more is saved
   window_tokens, window_steps = 0, 0
   t_window = time.perf_counter()
   first_step_done = False
@@ -270,6 +283,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       state, m = train_step(state, device_batch(hb, mesh, global_rows))
       pending.append(m)
       step += 1
+      pending_steps.append(step)
       if not first_step_done:      # compile time is reported once, not in the throughput
         jax.block_until_ready(m)
         first_step_done = True
@@ -279,10 +293,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         window_tokens += step_tokens
         window_steps += 1
       stopping = stop.check(step)
-      if step % config.log_every_steps == 0 or step == total or stopping:
-        got = jax.device_get(pending)
+      log_now = step % config.log_every_steps == 0 or step == total or stopping
+      eval_now = bool(eval_ds is not None and config.eval_every_steps
+                      and step % config.eval_every_steps == 0 and step != total)
+      if log_now or eval_now or ckpt.due(step):
+        # A point where the host waits for the device anyway: read the finite flags.
+        pending = jax.device_get(pending)
+        try:
+          monitor.check(pending_steps, pending)
+        except NonFiniteError as e:
+          halted = True
+          writer.write(step, window_record(pending))
+          writer.event(step, 'nonfinite', message=str(e))
+          last = ckpt.latest_step()
+          raise NonFiniteError(f'{e}; ' + (f'the last checkpoint is {ckpt.step_dir(last)}'
+                                           if last is not None else 'no checkpoint was written')
+                               ) from None
+      if log_now:
+        got = pending
         dt = time.perf_counter() - t_window
-        rec = _mean(got)
+        rec = window_record(got)
         if window_steps:
           rec['step_time'] = dt / window_steps
           rec['tokens_per_s'] = window_tokens / max(dt, 1e-9)
@@ -290,31 +320,42 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         summary['train'] = rec
         if bar is not None:
           bar.set_postfix(loss=f'{rec["loss"]:.4f}', lr=f'{rec["lr"]:.2e}')
-        pending, window_tokens, window_steps = [], 0, 0
+        pending, pending_steps, window_tokens, window_steps = [], [], 0, 0
         t_window = time.perf_counter()
       if bar is not None:
         bar.update(1)
-      if eval_ds is not None and config.eval_every_steps and step % config.eval_every_steps == 0 \
-          and step != total:
+      if eval_now:
         ev = evaluate(state, config, eval_ds, mesh=mesh)
         writer.write(step, ev, kind='eval')
         summary['eval'] = ev
         t_window, window_tokens, window_steps = time.perf_counter(), 0, 0
-      ckpt.save(step, state.checkpoint_items())
+      try:
+        ckpt.save(step, state.checkpoint_items())
+      except (CheckpointError, NonFiniteError):
+        halted = True
+        raise
     finished = step >= total
   finally:
     stop.restore()
     if bar is not None:
       bar.close()
     try:
-      if _alive(state):
+      if halted:   # the last checkpoint written is the last good one; the error is reported
+        try:
+          ckpt.close()
+        except Exception:
+          pass
+      elif _alive(state):
+        if pending:   # the flags of the steps since the last sync decide whether to save
+          monitor.check(pending_steps, jax.device_get(pending))
         ckpt.save(step, state.checkpoint_items(), force=True)
       else:
         _info(f'warning: state of step {step} was lost mid-step; the last periodic checkpoint '
               'is kept')
-      ckpt.close()
+      if not halted:
+        ckpt.close()
     except Exception as e:  # never mask the original exception
-      _info(f'warning: final checkpoint save failed ({type(e).__name__}: {e})')
+      _info(f'warning: final checkpoint not saved ({type(e).__name__}: {e})')
     writer.flush()
 
   summary['step'] = step
@@ -337,12 +378,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   return summary
 
 
-def _mean(ms: list[dict]) -> dict[str, float]:
-  if not ms:
-    return {}
-  out = {}
-  for k in ms[-1]:
-    out[k] = float(np.mean([np.asarray(m[k]) for m in ms]))
-  out['lr'] = float(np.asarray(ms[-1]['lr']))
-  out['tokens'] = float(np.sum([np.asarray(m['tokens']) for m in ms]))
-  return out
+SCHEDULE_FIELDS = ('num_train_steps', 'learning_rate', 'warmup_steps', 'lr_schedule')
+
+
+def schedule_change(config, workdir: str, start: int) -> Optional[str]:
+  """A one-line note when a resumed run's learning-rate schedule differs from the one the
+  workdir was trained with (its config.json), e.g. after raising num_train_steps; else None."""
+  path = os.path.join(workdir, 'config.json')
+  try:
+    with open(path) as fh:
+      old = json.load(fh)
+  except (OSError, ValueError):
+    return None
+  changed = [f'{f} {old[f]!r} -> {config.get(f)!r}' for f in SCHEDULE_FIELDS
+             if f in old and old[f] != config.get(f)]
+  if not changed:
+    return None
+  return (f'note: {", ".join(changed)} (from {path}): the learning-rate schedule changes from '
+          f'the resumed step {start} on')

@@ -36,13 +36,31 @@ def loss_sum_fn(apply_fn: Callable, head: str, model_type: str, params, batch, *
   return losses.loss_for_head(head, out.logits, batch)
 
 
+def tree_all_finite(tree) -> jax.Array:
+  """Scalar bool: every floating-point leaf of `tree` is free of NaN / Inf."""
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves \
+      else jnp.bool_(True)
+
+
+def keep_if_not_finite(finite, new, old):
+  """`new` where `finite` (a scalar bool) else `old`, leaf by leaf (a select, no host sync)."""
+  return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+
 def make_train_step(model: nn.Module, head: str, schedule: optax.Schedule,
                     shardings: TrainState, mesh: Mesh, batch_keys, donate: bool = True):
   """jit(train_step)(state, batch) -> (state, metrics) with in/out shardings, state donated.
   The model's activation constraints are traced under `mesh` and the logical-axis rules.
 
   metrics (replicated scalars): loss (mean CE of this step's batch), grad_norm (before
-  clipping), lr (used for this update), tokens (loss targets counted).
+  clipping), lr (used for this update), tokens (loss targets counted), finite (1.0 when the
+  loss, the gradient norm and the updated parameters are finite, else 0.0).
+
+  A non-finite step never changes the parameters or the optimizer state: they are kept as
+  they were (the step counter still advances, so the next step reads the next batch); the
+  training loop reads `finite` when it syncs anyway and stops or counts the skipped step
+  (config.nonfinite).
   """
   model_type = model.cfg.model_type
   apply_fn = model.apply
@@ -83,8 +101,13 @@ def make_train_step(model: nn.Module, head: str, schedule: optax.Schedule,
     grad_norm = optax.global_norm(grads)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {'loss': s / denom, 'grad_norm': grad_norm,
-               'lr': jnp.asarray(schedule(state.step), jnp.float32), 'tokens': c}
+    loss = s / denom
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & tree_all_finite(params)
+    params, opt_state = keep_if_not_finite(finite, (params, opt_state),
+                                           (state.params, state.opt_state))
+    metrics = {'loss': loss, 'grad_norm': grad_norm,
+               'lr': jnp.asarray(schedule(state.step), jnp.float32), 'tokens': c,
+               'finite': finite.astype(jnp.float32)}
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
 
