@@ -229,8 +229,17 @@ def check_quant_for_model(config, model, variables) -> None:
     return
 
 
+def checked(batches, model, where: str):
+  """`batches`, each checked first (token ids inside the vocabulary, sequences no longer
+  than the position table): a DataError instead of NaN from an out-of-range lookup."""
+  from oqt_jax.train.guards import check_batch
+  for i, b in enumerate(batches):
+    check_batch(b, model.cfg.vocab_size, model.cfg.max_position_embeddings, f'{where} {i}')
+    yield b
+
+
 def check_finite_params(variables, source) -> None:
-  from oqt_jax.train.nonfinite import nonfinite_leaves
+  from oqt_jax.train.guards import nonfinite_leaves
   bad = nonfinite_leaves(variables.get('params', variables))
   if bad:
     raise CheckpointError(f'{source}: non-finite parameters ({bad[0]}; {len(bad)} array(s) '
@@ -294,12 +303,12 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: Optional[str], *,
   val, cal = datasets(config, workdir, calib=quantize)
   nb = min(nb, val.num_eval_batches(bs)) if hasattr(val, 'num_eval_batches') else nb
   if nb < 1:
-    raise DataError(f'validation split: no evaluation batch (config.num_eval_batches='
-                    f'{config.get("num_eval_batches")}, {val.num_eval_batches(bs) if hasattr(val, "num_eval_batches") else 0} '
-                    f'batches of {bs} in the split)')
+    raise DataError(f'validation split: no evaluation batch (the split is empty, or '
+                    f'num_eval_batches={config.get("num_eval_batches")} is 0)')
   _info(f'evaluating {mtype} ({model.cfg.resolved_head}) from {source}: {nb} batches of {bs}')
 
-  fp, fp_first = outliers.evaluate(model, variables, val.eval_batches(bs, nb), num_batches=nb,
+  fp, fp_first = outliers.evaluate(model, variables, checked(val.eval_batches(bs, nb), model,
+                                                            'validation batch'), num_batches=nb,
                                    progress=progress, desc='FP eval', keep_first=True)
   check_finite_metrics(fp, source)
   print(outliers.format_table(fp, mtype))
@@ -314,9 +323,11 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: Optional[str], *,
     _info(f'calibrating on {qcfg.est_num_batches} batches (quant_setup={qcfg.quant_setup}, '
           f'quant_dict={qcfg.quant_dict!r}, int8={qcfg.int8})')
     qmodel, qvars = quant.calibrate(
-        model, variables, calibration_batches(cal, bs, int(qcfg.est_num_batches)), qcfg,
+        model, variables, checked(calibration_batches(cal, bs, int(qcfg.est_num_batches)),
+                                  model, 'calibration batch'), qcfg,
         progress=progress)
-    q, q_first = outliers.evaluate(qmodel, qvars, val.eval_batches(bs, nb), num_batches=nb,
+    q, q_first = outliers.evaluate(qmodel, qvars, checked(val.eval_batches(bs, nb), model,
+                                                          'validation batch'), num_batches=nb,
                                    progress=progress, desc='quantized eval', keep_first=True)
     check_finite_metrics(q, source, what='quantized model')
     print(outliers.format_table(q, mtype))

@@ -18,7 +18,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from oqt_jax.errors import CheckpointError, NonFiniteError
-from oqt_jax.train.nonfinite import nonfinite_leaves
+from oqt_jax.train.guards import nonfinite_leaves
 
 CHECKPOINT_DIR = 'checkpoints'
 CORRUPT_DIR = 'checkpoints_corrupt'

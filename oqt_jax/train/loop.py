@@ -29,7 +29,8 @@ from oqt_jax.config import prepare_workdir, validate
 from oqt_jax.train.config import check_batch_fit
 from oqt_jax.train.evaluation import evaluate
 from oqt_jax.train.metrics import MetricWriter
-from oqt_jax.train.nonfinite import NonFiniteMonitor, nonfinite_leaves, window_record
+from oqt_jax.train.guards import (NonFiniteMonitor, check_batch, nonfinite_leaves,
+                                  window_record)
 from oqt_jax.train.optimizer import make_optimizer
 from oqt_jax.train.state import TrainState, abstract_state, create_train_state, state_shardings
 from oqt_jax.train.step import make_train_step
@@ -276,6 +277,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   try:
     while step < total and not stopping:
       hb = host_batch(train_ds, step, global_rows, accum)
+      check_batch(hb, mcfg.vocab_size, mcfg.max_position_embeddings,
+                  where=f'train batch of step {step + 1}')
       if train_step is None:
         batch_keys = tuple(sorted(hb))
         train_step = make_train_step(model, head, schedule, shardings, mesh, batch_keys)

@@ -1,4 +1,5 @@
-"""Non-finite loss / gradient handling (config.nonfinite) and finiteness guards for saving.
+"""Guards of the training and evaluation loops: non-finite loss / gradient handling
+(config.nonfinite), finiteness checks before anything is saved, and batch checks.
 
 The train step returns a per-step `finite` flag and never applies a non-finite update (see
 oqt_jax/train/step.py). The loop reads the flags only where it synchronises with the device
@@ -11,7 +12,9 @@ anyway (logging, before a checkpoint save, evaluation, the end), hands them to
                     in the logged train records); `max_skipped_steps` in a row stop the run.
 
 `all_finite(tree)` / `nonfinite_leaves(tree)` guard the checkpoint and HF export paths: a
-state with a NaN or Inf is never written.
+state with a NaN or Inf is never written. `check_batch` rejects token ids outside the
+vocabulary and sequences longer than the position table on the host (an out-of-range lookup
+would otherwise silently read NaN).
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from oqt_jax.errors import NonFiniteError
+from oqt_jax.errors import DataError, NonFiniteError
 
 
 def _is_float(x) -> bool:
@@ -112,3 +115,25 @@ def window_record(ms: Sequence[dict]) -> dict[str, float]:
   out['window_steps'] = len(ms)
   out['skipped_steps'] = len(ms) - len(ok)
   return out
+
+
+def check_batch(batch, vocab_size: int, max_positions: Optional[int] = None,
+                where: str = 'batch') -> None:
+  """DataError naming the problem when a host batch's input_ids leave [0, vocab_size) or
+  its sequences are longer than the model's `max_positions`."""
+  ids = batch.get('input_ids') if hasattr(batch, 'get') else None
+  if ids is None:
+    return
+  ids = np.asarray(ids)
+  if ids.size == 0:
+    raise DataError(f'{where}: empty input_ids (shape {ids.shape})')
+  if not np.issubdtype(ids.dtype, np.integer):
+    raise DataError(f'{where}: input_ids must be integers, got {ids.dtype}')
+  lo, hi = int(ids.min()), int(ids.max())
+  if lo < 0 or hi >= vocab_size:
+    bad = lo if lo < 0 else hi
+    raise DataError(f'{where}: token id {bad} outside the vocabulary [0, '
+                    f'model.vocab_size={vocab_size})')
+  if max_positions is not None and ids.shape[-1] > max_positions:
+    raise DataError(f'{where}: sequences of {ids.shape[-1]} tokens are longer than '
+                    f'model.max_position_embeddings={max_positions}')
