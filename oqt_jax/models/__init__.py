@@ -9,11 +9,12 @@ import jax.numpy as jnp
 
 from oqt_jax.models.bert import Bert
 from oqt_jax.models.config import ModelConfig, from_config, parse_softmax
+from oqt_jax.models.generate import generate
 from oqt_jax.models.opt import Opt
 from oqt_jax.models.outputs import ModelOutput
 
-__all__ = ['Bert', 'Opt', 'ModelConfig', 'ModelOutput', 'build', 'from_config', 'init_variables',
-           'parse_softmax']
+__all__ = ['Bert', 'Opt', 'ModelConfig', 'ModelOutput', 'build', 'from_config', 'generate',
+           'init_variables', 'parse_softmax']
 
 
 def build(cfg: ModelConfig | Any, quant: Any = None) -> nn.Module:

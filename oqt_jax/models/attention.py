@@ -105,15 +105,22 @@ class MultiHeadAttention(nn.Module):
     gate_input: (B, T, D) what the gate looks at (BERT: layer input; OPT: the pre-LN output).
     attn_mask: (B, 1, Tq, Tk) bool, True where attention is allowed.
     tok_mask: (B, T) bool token-validity mask for quantization statistics (or None).
+    decode: incremental decoding with a key / value cache (collection 'cache': cached_key,
+      cached_value of shape (B, H, L, d_head), L = attn_mask's last dim): x holds the t new
+      tokens at positions [cache_index, cache_index + t); their keys / values are written
+      there and the queries attend over the whole cache under attn_mask (B, 1, t, L). The
+      numerics are those of the full forward (masked keys get probability 0).
   Quantization points: q/k/v outputs, scores 's', probabilities 'p', context 'c' (after the
-  gate for BERT, before it for OPT, as the originals), output 'g'.
+  gate for BERT, before it for OPT, as the originals), output 'g'. QK^T and P.V accumulate
+  in float32 (they feed the softmax and the quantizers) whatever the compute dtype.
   """
   cfg: ModelConfig
   layer: int
   quant: Any = None
 
   @nn.compact
-  def __call__(self, x, gate_input, attn_mask, tok_mask=None, deterministic=True):
+  def __call__(self, x, gate_input, attn_mask, tok_mask=None, deterministic=True,
+               decode=False, cache_index=None):
     cfg, i, q = self.cfg, self.layer, self.quant
     dtype = dtype_of(cfg.dtype)
     dense = lambda name, point, axes: Dense(
@@ -123,9 +130,12 @@ class MultiHeadAttention(nn.Module):
         split_heads(dense(name, point, ('embed', 'heads'))(x, tok_mask), cfg.num_heads),
         HEAD_AXES)
     query, key, value = proj('query', 'q'), proj('key', 'k'), proj('value', 'v')
+    if decode:
+      key, value = self._cached(key, value, attn_mask.shape[-1], cache_index)
 
     scale = cfg.head_dim ** -0.5
-    scores = jnp.einsum('bhqd,bhkd->bhqk', query, key).astype(jnp.float32) * scale
+    scores = jnp.einsum('bhqd,bhkd->bhqk', query, key,
+                        preferred_element_type=jnp.float32) * scale
     scores = constrain(scores, SCORE_AXES)
     scores = qact(q, self, f's{i}', scores, tok_mask)
     scores = jnp.where(attn_mask, scores, jnp.finfo(jnp.float32).min)
@@ -133,7 +143,10 @@ class MultiHeadAttention(nn.Module):
     probs = constrain(clipped_softmax(scores, gamma, zeta), SCORE_AXES)
     probs = qact(q, self, f'p{i}', probs, tok_mask)
     probs = nn.Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
-    context = constrain(jnp.einsum('bhqk,bhkd->bhqd', probs.astype(dtype), value), HEAD_AXES)
+    context = constrain(jnp.einsum('bhqk,bhkd->bhqd', probs.astype(value.dtype), value,
+                                   preferred_element_type=jnp.float32), HEAD_AXES)
+    if q is None:
+      context = context.astype(dtype)
     # The originals quantize the context after the gate in BERT, before it in OPT.
     c_before_gate = cfg.model_type == 'opt'
     if c_before_gate:
@@ -149,3 +162,16 @@ class MultiHeadAttention(nn.Module):
     context = constrain(context, ('batch', 'length', 'heads'))
     out = dense('out', 'g', ('heads', 'embed'))(context, tok_mask)
     return constrain(out, ('batch', 'length', 'embed'))
+
+  def _cached(self, key, value, length, cache_index):
+    """Writes the new keys / values (B, H, t, d) at cache_index; returns the whole cache."""
+    b, h, _, d = key.shape
+    ck = self.variable('cache', 'cached_key', jnp.zeros, (b, h, length, d), key.dtype)
+    cv = self.variable('cache', 'cached_value', jnp.zeros, (b, h, length, d), value.dtype)
+    idx = jnp.asarray(0 if cache_index is None else cache_index, jnp.int32)
+    zero = jnp.zeros((), jnp.int32)
+    ck.value = jax.lax.dynamic_update_slice(ck.value, key.astype(ck.value.dtype),
+                                            (zero, zero, idx, zero))
+    cv.value = jax.lax.dynamic_update_slice(cv.value, value.astype(cv.value.dtype),
+                                            (zero, zero, idx, zero))
+    return ck.value, cv.value

@@ -96,6 +96,14 @@ def qact(quant, module, name, x, mask):
   return x if quant is None else quant.act(module, name, x, mask)
 
 
+def keeps_float32(quant, name) -> bool:
+  """True where the hooks quantize point `name` on a grid finer than 16-bit floats hold
+  (> 8 bits): the layer then keeps the quantizer's float32 output under bf16 / fp16 compute.
+  Optional in the hook protocol (absent: False)."""
+  fn = None if quant is None else getattr(quant, 'keeps_float32', None)
+  return bool(fn(name)) if fn is not None else False
+
+
 ACTIVATIONS: dict[str, Callable] = {
     'gelu': lambda x: nn.gelu(x, approximate=False),
     'gelu_new': lambda x: nn.gelu(x, approximate=True),
@@ -131,19 +139,27 @@ class Dense(nn.Module):
                    else self.quant.dot_general(self, self.point, mask=mask))
     x = x.astype(self.dtype)
     kernel = kernel.astype(self.dtype)
+    # With quantization the output feeds a quantizer: accumulate and quantize in float32,
+    # then return to the compute dtype (unless the point's grid needs float32, > 8 bits).
+    acc = None if self.quant is None else jnp.float32
     if dot_general is None:
-      y = jnp.einsum('...i,io->...o', x, kernel)
+      y = jnp.einsum('...i,io->...o', x, kernel, preferred_element_type=acc)
     else:
       y = dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+      if acc is not None:
+        y = y.astype(acc)
     if self.use_bias:
       bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros,
                                                              self.kernel_axes[-1:]),
                         (self.features,), jnp.float32)
-      y = y + bias.astype(self.dtype)
+      y = y + bias.astype(y.dtype)
     if self.activation is not None:
       y = ACTIVATIONS[self.activation](y)
     if self.quantize_output:
       y = qact(self.quant, self, self.point, y, mask)
+    if self.quant is not None and not (self.quantize_output
+                                       and keeps_float32(self.quant, self.point)):
+      y = y.astype(self.dtype)
     return y
 
 
@@ -167,8 +183,9 @@ class Embed(nn.Module):
         'embedding', nn.with_logical_partitioning(normal_init(self.init_std), ('vocab', 'embed')),
         (self.num_embeddings, self.features), jnp.float32)
     table = qweight(self.quant, self, wpoint or self.wpoint, embedding).astype(self.dtype)
-    if attend_to is not None:
-      return jnp.einsum('...d,vd->...v', attend_to.astype(self.dtype), table)
+    if attend_to is not None:   # logits feed a softmax (and a quantizer): float32 accumulation
+      return jnp.einsum('...d,vd->...v', attend_to.astype(self.dtype), table,
+                        preferred_element_type=jnp.float32)
     # Gather from a table whole along `embed` (FSDP all-gathers it, as for any weight): a
     # lookup into an embed-sharded table cannot be resharded to batch-sharded rows cheaply.
     return jnp.take(constrain(table, ('vocab', None)), ids, axis=0)
@@ -196,5 +213,7 @@ class LayerNorm(nn.Module):
     mu = jnp.mean(xf, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(xf - mu), axis=-1, keepdims=True)
     y = (xf - mu) * jax.lax.rsqrt(var + self.eps) * scale + bias
-    y = qact(self.quant, self, self.point, y.astype(self.dtype), mask)
-    return y
+    if self.quant is None:
+      return y.astype(self.dtype)
+    y = qact(self.quant, self, self.point, y, mask)   # quantized in float32
+    return y if keeps_float32(self.quant, self.point) else y.astype(self.dtype)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from oqt_jax.models.attention import MultiHeadAttention
@@ -38,7 +39,7 @@ class OptLayer(nn.Module):
   quant: Any = None
 
   @nn.compact
-  def __call__(self, x, attn_mask, tok_mask, deterministic):
+  def __call__(self, x, attn_mask, tok_mask, deterministic, decode=False, cache_index=None):
     cfg, i, q = self.cfg, self.layer, self.quant
     dtype = dtype_of(cfg.dtype)
     pre = cfg.do_layer_norm_before
@@ -52,7 +53,7 @@ class OptLayer(nn.Module):
       x = constrain(ln('a', 'attention_ln')(x, tok_mask), EMBED_AXES)
       sow('attn_ln_output', x)
     a = MultiHeadAttention(cfg, layer=i, quant=q, name='attention')(
-        x, x, attn_mask, tok_mask, deterministic)
+        x, x, attn_mask, tok_mask, deterministic, decode=decode, cache_index=cache_index)
     sow('attn_output', a)
     x = constrain(qact(q, self, f'u{i}', residual + drop(a), tok_mask), EMBED_AXES)
     if not pre:
@@ -81,23 +82,44 @@ class OptLayer(nn.Module):
 
 
 class Opt(nn.Module):
-  """OPT decoder with the head of cfg.resolved_head: 'clm' (tied LM head) | 'none'."""
+  """OPT decoder with the head of cfg.resolved_head: 'clm' (tied LM head) | 'none'.
+
+  decode=True: incremental decoding with the key / value cache (models/generate.py):
+  input_ids (B, t) are the tokens at positions [cache_index, cache_index + t) of a sequence
+  of length L, attention_mask (B, L) marks the valid tokens of the whole sequence (the cache
+  length is L), position_ids default to those of the full mask.
+  """
   cfg: ModelConfig
   quant: Any = None
 
   @nn.compact
   def __call__(self, input_ids, attention_mask=None, position_ids=None,
-               deterministic: bool = True) -> ModelOutput:
+               deterministic: bool = True, decode: bool = False,
+               cache_index=None) -> ModelOutput:
     cfg, q = self.cfg, self.quant
     dtype = dtype_of(cfg.dtype)
     b, t = input_ids.shape
-    if attention_mask is None:
-      attention_mask = jnp.ones((b, t), jnp.int32)
-    if position_ids is None:
-      position_ids = opt_position_ids(attention_mask)
-    tok_mask = attention_mask.astype(bool)
-    causal = jnp.tril(jnp.ones((t, t), bool))
-    attn_mask = causal[None, None] & tok_mask[:, None, None, :]
+    if decode:
+      if attention_mask is None:
+        raise ValueError('decode=True needs the (B, L) attention_mask of the whole sequence')
+      length = attention_mask.shape[1]
+      idx = jnp.asarray(0 if cache_index is None else cache_index, jnp.int32)
+      window = lambda a: jax.lax.dynamic_slice_in_dim(a, idx, t, axis=1)
+      if position_ids is None:
+        position_ids = window(opt_position_ids(attention_mask))
+      kv_mask = attention_mask.astype(bool)
+      tok_mask = window(kv_mask)
+      q_pos = idx + jnp.arange(t)
+      causal = jnp.arange(length)[None, :] <= q_pos[:, None]            # (t, L)
+      attn_mask = causal[None, None] & kv_mask[:, None, None, :]
+    else:
+      if attention_mask is None:
+        attention_mask = jnp.ones((b, t), jnp.int32)
+      if position_ids is None:
+        position_ids = opt_position_ids(attention_mask)
+      tok_mask = attention_mask.astype(bool)
+      causal = jnp.tril(jnp.ones((t, t), bool))
+      attn_mask = causal[None, None] & tok_mask[:, None, None, :]
 
     word = Embed(cfg.vocab_size, cfg.embed_dim, wpoint='Et', init_std=cfg.init_std, dtype=dtype,
                  quant=q, name='embed_tokens')
@@ -108,14 +130,15 @@ class Opt(nn.Module):
                 init_std=cfg.init_std, dtype=dtype, quant=q, name='project_in')(x, tok_mask)
     pos = Embed(cfg.max_position_embeddings + POSITION_OFFSET, cfg.hidden_size, wpoint='Ep',
                 init_std=cfg.init_std, dtype=dtype, quant=q, name='embed_positions')
-    x = qact(q, self, 'e', x + pos(position_ids + POSITION_OFFSET), tok_mask)
-    x = constrain(nn.Dropout(cfg.hidden_dropout)(x, deterministic=deterministic), EMBED_AXES)
+    # No dropout after the embedding sum (HF OPT and the originals have none).
+    x = constrain(qact(q, self, 'e', x + pos(position_ids + POSITION_OFFSET), tok_mask),
+                  EMBED_AXES)
 
     hidden = []
     for i in range(cfg.num_layers):
       hidden.append(x)
       x = OptLayer(cfg, layer=i, quant=q, name=f'decoder_layer_{i}')(
-          x, attn_mask, tok_mask, deterministic)
+          x, attn_mask, tok_mask, deterministic, decode, cache_index)
     if cfg.do_layer_norm_before and not cfg.remove_final_layer_norm:
       x = LayerNorm(point='fln', eps=cfg.layer_norm_eps, dtype=dtype, quant=q, name='final_ln')(
           x, tok_mask)

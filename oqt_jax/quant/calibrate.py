@@ -7,9 +7,10 @@ Steps, each one jitted function compiled once:
   1. init: every point's state is created in the 'quant' collection; weight ranges are
      computed from the weights (their estimator, e.g. MSE grid), no data needed;
   2. permutation pass (only when some point uses 'ngpK'): the floating-point model runs over
-     the calibration batches collecting per-dim min / max of the points the permutations are
-     measured on; each permuted point then gets group ids from its source's ranges sorted
-     ascending (x, h and y of a layer share h's with quant.permute_shared_h);
+     the calibration batches collecting each dim's range (max - min over the batch's valid
+     tokens) of the points the permutations are measured on, averaged over the batches; each
+     permuted point then gets group ids from its source's ranges sorted ascending (x, h and y
+     of a layer share h's with quant.permute_shared_h, also when h itself stays fp32);
   3. range estimation: `est_num_batches` batches with the estimators updating (the model
      quantizes with the current estimates while it runs, as the original), padding masked;
   4. freeze: the returned model's hooks read the ranges ('dynamic' = quant.dynamic: the
@@ -64,18 +65,31 @@ def _step_fn(model, hooks: QuantHooks, mode: str):
   return jax.jit(step)
 
 
+STATE_KEYS = ('x_min', 'x_max', 'n', 'group_ids', 'fp')
+
+
+def point_states(tree, prefix=()) -> dict:
+  """{point name: path} of every point state in a 'quant' collection: a dict holding any of
+  STATE_KEYS directly (its own nested 'fp' statistics are part of it, not a point)."""
+  out = {}
+  for k, v in tree.items():
+    if not isinstance(v, Mapping):
+      continue
+    if any(key in v for key in STATE_KEYS):
+      out.setdefault(k, prefix + (k,))
+    else:
+      for name, path in point_states(v, prefix + (k,)).items():
+        out.setdefault(name, path)
+  return out
+
+
 def assign_permutations(quant_state, rules) -> dict:
-  """Writes 'group_ids' of every permuted point from its source point's FP per-dim ranges."""
-  flat = traverse_util.flatten_dict(flax.core.unfreeze(quant_state), keep_empty_nodes=True)
-  # State dicts are {'x_min', 'x_max', 'n', 'group_ids'?, 'fp': {...}?}: the point name is the
-  # key just above them.
-  points = {}
-  for path in flat:
-    for i in range(len(path) - 1, 0, -1):
-      if path[i] in ('x_min', 'x_max', 'n', 'group_ids', 'fp'):
-        points.setdefault(path[i - 1], path[:i])
-        break
-  flat = dict(flat)
+  """Writes 'group_ids' of every permuted point from its source point's FP per-dim ranges
+  (the mean over the calibration batches of each batch's max - min). The source may itself
+  be unquantized (e.g. h kept in fp32 with quant.permute_shared_h): it is still observed."""
+  tree = flax.core.unfreeze(quant_state)
+  points = point_states(tree)
+  flat = dict(traverse_util.flatten_dict(tree, keep_empty_nodes=True))
   for name, prefix in points.items():
     if name.startswith('in_'):   # int8 matmul input ranges
       continue
@@ -83,10 +97,9 @@ def assign_permutations(quant_state, rules) -> dict:
     if not (spec.enabled and spec.permute and prefix + ('group_ids',) in flat):
       continue
     src = points.get(spec.perm_source)
-    if src is None or src + ('fp', 'x_max') not in flat:
+    if src is None or src + ('fp', 'range') not in flat:
       raise ValueError(f'permutation source {spec.perm_source!r} of {name!r} was not observed')
-    fp_min, fp_max = flat[src + ('fp', 'x_min')], flat[src + ('fp', 'x_max')]
-    perm = quantizers.peg_permutation(fp_max - fp_min, spec.n_groups)
+    perm = quantizers.peg_permutation(flat[src + ('fp', 'range')], spec.n_groups)
     flat[prefix + ('group_ids',)] = quantizers.group_index(perm.shape[0], spec.n_groups, perm)
   return traverse_util.unflatten_dict(flat)
 
@@ -147,6 +160,6 @@ def quant_ranges(qvariables) -> dict:
   flat = traverse_util.flatten_dict(flax.core.unfreeze(qvariables[COLLECTION]))
   out = {}
   for path, v in flat.items():
-    if path[-1] in ('x_min', 'x_max') and 'fp' not in path:
+    if path[-1] in ('x_min', 'x_max') and 'fp' not in path[:-1]:
       out.setdefault(path[-2], {})[path[-1]] = np.asarray(v)
   return {k: (d['x_min'], d['x_max']) for k, d in out.items() if len(d) == 2}

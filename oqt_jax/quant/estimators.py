@@ -3,7 +3,7 @@
 A state is a dict of arrays, so it can live in a Flax variable collection (e.g. `quant`):
   {'x_min': float32 (S,), 'x_max': float32 (S,), 'n': int32 ()}     (init_state(S))
 where S is x's shape with `reduce_axes` removed (() per tensor, (D,) per embedding, (out,)
-per channel) and n counts the batches seen.
+per channel) and n counts the batches seen (a batch with no valid entry is not seen).
 
 `update(kind, state, x, ...)` estimators (momentum m, default 0.9):
   current_minmax   x_min, x_max = min / max of the batch (replaces the state).
@@ -21,7 +21,8 @@ per channel) and n counts the batches seen.
 Masks: `mask` (bool) selects the entries that count; masked-out entries (padding tokens) never
 enter any statistic. It broadcasts against x by numpy rules, or, if its shape is a prefix of
 x's (a (B, T) token mask for a (B, T, D) tensor), by appending axes. A kept slice (channel)
-with no valid entry in a batch keeps its previous state.
+with no valid entry in a batch keeps its previous state; a batch with no valid entry at all
+leaves the whole state unchanged, its count included.
 
 MSE / cross-entropy search. The search is independent per kept slice (per channel /
 embedding), vectorised over slices. Let mn, mx be the slice's (masked) min / max and margin
@@ -400,7 +401,10 @@ def _update(state, x, mask, momentum, percentile, margin, logits_target, *, kind
 
   new_min = jnp.where(valid, new_min, old_min).astype(jnp.float32)
   new_max = jnp.where(valid, new_max, old_max).astype(jnp.float32)
-  return {'x_min': new_min, 'x_max': new_max, 'n': (n + 1).astype(jnp.int32)}
+  # A batch without a single valid entry is not seen: the state (count included) stays, so
+  # the next valid batch initialises instead of blending with the zero initial state.
+  seen = jnp.any(valid).astype(jnp.int32)
+  return {'x_min': new_min, 'x_max': new_max, 'n': (n + seen).astype(jnp.int32)}
 
 
 def update(kind: str, state: dict, x, *, mask=None, reduce_axes=None, momentum=0.9,

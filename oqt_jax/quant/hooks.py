@@ -4,10 +4,11 @@
 
 Every point keeps its state in the 'quant' collection of the module that calls the hook,
 under the point's name (e.g. quant/encoder_layer_3/output/h3):
-  activations  {'x_min', 'x_max', 'n'} (shape () per tensor, (D,) per embedding and per
-               embedding group: groups are formed from per-dim statistics with
-               quantizers.group_ranges), plus 'group_ids' (D,) for permuted PEG and 'fp'
-               (per-dim FP min / max) on the points the permutation is measured on;
+  activations  {'x_min', 'x_max', 'n'} (shape () per tensor, (D,) per embedding, (K,) per
+               embedding group: the estimator runs on the group's own values,
+               quantizers.group_values), plus 'group_ids' (D,) for permuted PEG and 'fp'
+               {'range' (D,), 'n'} (per-dim FP range max - min of each calibration batch,
+               averaged over the batches) on the points the permutation is measured on;
   weights      {'x_min', 'x_max', 'n'} of the weight (per tensor or per output channel);
   int8 inputs  'in_<point>' {'x_min', 'x_max', 'n'}: the static range of a Dense layer's input
                used by the int8 matmul (int8.py).
@@ -27,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+import jax.numpy as jnp
 
 from oqt_jax.errors import ConfigError
 from oqt_jax.quant import estimators, quantizers
@@ -47,6 +49,19 @@ def token_mask_for(x, mask):
   if x.ndim >= mask.ndim and tuple(x.shape[:mask.ndim]) == tuple(mask.shape):
     return mask.reshape(mask.shape + (1,) * (x.ndim - mask.ndim))
   return None
+
+
+def fp_range_update(state, x, mask):
+  """Permutation statistics: the running mean over batches of each dim's FP range (max - min
+  over the batch's valid tokens). A batch without valid tokens is skipped."""
+  axes = tuple(range(x.ndim - 1))
+  mask = estimators.broadcast_mask(mask, x.shape) if mask is not None else None
+  mn, mx, valid = estimators.masked_min_max(x, mask, axes)
+  seen = jnp.any(valid)
+  n = state['n']
+  r = jnp.where(valid, mx - mn, 0.0)
+  mean = state['range'] + (r - state['range']) / (n + 1).astype(jnp.float32)
+  return {'range': jnp.where(seen, mean, state['range']), 'n': n + seen.astype(jnp.int32)}
 
 
 def weight_reduce_axes(name: str, w, per_channel: bool) -> tuple[int, ...]:
@@ -130,6 +145,14 @@ class QuantHooks:
     return quantizers.quantize_dequantize(w, spec.n_bits, spec.symmetric, x_min, x_max)
 
   # ---- activations -----------------------------------------------------------------------------
+  def keeps_float32(self, name) -> bool:
+    """True where the point's grid is finer than bfloat16 / float16 can hold (> 8 bits): its
+    quantized output stays float32 under 16-bit compute (the models' layers ask this)."""
+    if self.mode in ('fp', 'stats', 'init'):
+      return False
+    spec = self.rules.spec(name)
+    return spec.enabled and spec.n_bits > 8
+
   def act(self, module, name, x, mask):
     r = self.rules
     spec = r.spec(name)
@@ -142,13 +165,17 @@ class QuantHooks:
     m = token_mask_for(x, mask)
     d = x.shape[-1]
     per_dim = spec.granularity in ('per_embd', 'groups') and x.ndim in (2, 3)
-    axes = tuple(range(x.ndim - 1)) if per_dim else tuple(range(x.ndim))
-    shape = (d,) if per_dim else ()
     grouped = per_dim and spec.granularity == 'groups'
     if grouped and d % spec.n_groups:
       raise ConfigError(f'quant.quant_dict: point {name!r} has {d} dims, not divisible into '
                         f'{spec.n_groups} groups')
-    dim_axes = tuple(range(x.ndim - 1))
+    if grouped:   # one range per group, estimated on the group's values (..., K, D/K)
+      axes = tuple(a for a in range(x.ndim + 1) if a != x.ndim - 1)
+      shape = (spec.n_groups,)
+    elif per_dim:
+      axes, shape = tuple(range(x.ndim - 1)), (d,)
+    else:
+      axes, shape = tuple(range(x.ndim)), ()
 
     if mode == 'init':
       state = {}
@@ -157,36 +184,46 @@ class QuantHooks:
         if grouped and spec.permute:
           state['group_ids'] = quantizers.group_index(d, spec.n_groups)
       if needs_stats:
-        state['fp'] = estimators.init_state((d,))
+        state['fp'] = {'range': jnp.zeros((d,), jnp.float32), 'n': jnp.zeros((), jnp.int32)}
       module.put_variable(COLLECTION, name, state)
       return x
     if mode == 'stats':
       if needs_stats:
         state = dict(self._read(module, name, 'stats'))
-        state['fp'] = estimators.update('allminmax', state['fp'], x, mask=m, reduce_axes=dim_axes)
+        state['fp'] = fp_range_update(state['fp'], x, m)
         module.put_variable(COLLECTION, name, state)
       return x
     if not spec.enabled:
       return x
 
+    gid = None
+    if grouped:
+      if spec.permute:
+        gid = self._read(module, name, 'permutation')['group_ids']
+      else:
+        gid = quantizers.group_index(d, spec.n_groups)
+    xs, ms = x, m
+    if grouped:
+      xs = quantizers.group_values(x, gid, spec.n_groups)
+      ms = token_mask_for(xs, mask)
     rng_keys = ('x_min', 'x_max', 'n')
     if mode == 'calibrating':
       stored = dict(self._read(module, name, 'range'))
-      new = self._update(spec, {k: stored[k] for k in rng_keys}, x, m, axes)
+      new = self._update(spec, {k: stored[k] for k in rng_keys}, xs, ms, axes)
       stored.update(new)
       module.put_variable(COLLECTION, name, stored)
       state = stored
     elif mode == 'frozen':
       state = self._read(module, name, 'range')
     else:  # dynamic: the estimator on this batch alone
-      state = self._update(spec, estimators.init_state(shape), x, m, axes)
-      if grouped and spec.permute:
-        state = dict(state, group_ids=self._read(module, name, 'permutation')['group_ids'])
+      state = self._update(spec, estimators.init_state(shape), xs, ms, axes)
     x_min, x_max = state['x_min'], state['x_max']
     if grouped:
-      gid = state['group_ids'] if spec.permute else quantizers.group_index(d, spec.n_groups)
-      x_min, x_max = quantizers.group_ranges(x_min, x_max, gid, spec.n_groups)
-    return quantizers.quantize_dequantize(x, spec.n_bits, spec.symmetric, x_min, x_max)
+      x_min, x_max = quantizers.expand_group_ranges(x_min, x_max, gid)
+    out_dtype = jnp.float32 if spec.n_bits > 8 else x.dtype
+    xq = quantizers.quantize_dequantize(x.astype(jnp.float32), spec.n_bits, spec.symmetric,
+                                        x_min, x_max)
+    return xq.astype(out_dtype)
 
   # ---- int8 matmuls ----------------------------------------------------------------------------
   def dot_general(self, module, name, mask=None):

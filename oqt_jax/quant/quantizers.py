@@ -30,11 +30,13 @@ statistics, not parameters: they carry no gradient.
 
 Granularity: x_min / x_max broadcast against x. Per-tensor: scalars. Per-channel weights
 (Flax kernel (in, out)): shape (out,) or (1, out). Per-embedding activations (B, T, D): shape
-(D,). Per-embedding-group (PEG): K groups of hidden dims, one range per group, expressed per
-dim with `group_ranges` (each dim carries its group's range). With permutation
-(`peg_permutation`), dims are sorted by their calibration range (max - min) ascending and cut
-into K equal contiguous groups, so the outlier dims share one group and the others keep a
-fine grid.
+(D,). Per-embedding-group (PEG): K groups of hidden dims, one range per group. A group's range is
+estimated on the group's own values (`group_values` gives the (..., K, D/K) view; the
+estimator reduces everything but the group axis), then expressed per dim with
+`expand_group_ranges` (each dim carries its group's range). With permutation
+(`peg_permutation`), dims are sorted by their calibration range ascending (max - min per
+batch, averaged over the calibration batches) and cut into K equal contiguous groups, so the
+outlier dims share one group and the others keep a fine grid.
 """
 from __future__ import annotations
 
@@ -257,6 +259,26 @@ def group_ranges(x_min_d, x_max_d, group_ids, n_groups: int):
     return jnp.moveaxis(g[group_ids], 0, -1)
 
   return (regroup(x_min_d, jax.ops.segment_min), regroup(x_max_d, jax.ops.segment_max))
+
+
+def group_values(x, group_ids, n_groups: int):
+  """(..., D) -> (..., K, D/K): the values of each group (group k = the dims whose id is k).
+
+  Within a group the dims keep their natural order; a range estimator applied to this view
+  with every axis but the group axis (-2) reduced gives one range per group, estimated on
+  the group's own values (its min / max, percentile or MSE range).
+  """
+  x = jnp.asarray(x)
+  d = x.shape[-1]
+  _check_groups(d, n_groups)
+  order = jnp.argsort(jnp.asarray(group_ids, jnp.int32), stable=True)
+  return jnp.take(x, order, axis=-1).reshape(x.shape[:-1] + (n_groups, d // n_groups))
+
+
+def expand_group_ranges(g_min, g_max, group_ids):
+  """Per-group ranges (K,) -> per-dim ranges (D,): dim j carries its group's range."""
+  group_ids = jnp.asarray(group_ids, jnp.int32)
+  return jnp.asarray(g_min)[group_ids], jnp.asarray(g_max)[group_ids]
 
 
 def group_view(x, n_groups: int, perm=None):
