@@ -11,7 +11,9 @@ grid before use:
   z_r   = clamp(round_ste(z_g), q_min, q_max)
   q(x)  = (clamp(round_ste(x / s_g + z_r), q_min, q_max) - z_r) * s_g
 
-`gradient_scale(v, g)` is v in the forward pass and multiplies v's gradient by g. The
+`gradient_scale(v, g)` is v in the forward pass and multiplies v's gradient by g (a custom
+VJP, so the forward value is v bit for bit; the originals' `(v - v*g).detach() + v*g` can be
+an ulp off). The
 per-tensor g uses numel = x.size; per channel numel / C (`grad_factor(x, q_max, channels)`).
 Arithmetic is float32; the output has x's dtype.
 """
@@ -25,10 +27,27 @@ import jax.numpy as jnp
 from oqt_jax.quant.quantizers import clamp, int_grid, round_ste
 
 
+@jax.custom_vjp
+def _scaled_identity(v, g):
+  return v
+
+
+def _scaled_identity_fwd(v, g):
+  return v, g
+
+
+def _scaled_identity_bwd(g, ct):
+  return ct * g, jnp.zeros_like(g)
+
+
+_scaled_identity.defvjp(_scaled_identity_fwd, _scaled_identity_bwd)
+
+
 def gradient_scale(v, g):
-  """v in the forward pass; d/dv of anything downstream is multiplied by g."""
+  """v in the forward pass (exactly: no v - v*g + v*g rounding); d/dv of anything downstream
+  is multiplied by g."""
   v = jnp.asarray(v, jnp.float32)
-  return jax.lax.stop_gradient(v - v * g) + v * g
+  return _scaled_identity(v, jnp.asarray(g, jnp.float32))
 
 
 def grad_factor(x, q_max: float, channels: int = 1) -> float:
