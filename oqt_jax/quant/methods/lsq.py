@@ -85,6 +85,18 @@ def lsq_plus_quantize(x, scale, zero_point, n_bits: int, *, g=None):
   return out.astype(x.dtype)
 
 
+def lsq_affine_quantize(x, scale, zero_point, q_min, q_max, g):
+  """The LSQ+ formula on a given integer grid [q_min, q_max] (arrays allowed, e.g. a
+  symmetric signed or unsigned grid chosen at calibration): the zero-point is rounded with
+  the STE and clamped to the grid; scale and zero-point gradients are multiplied by g
+  (stop the zero-point's gradient for plain LSQ)."""
+  s = gradient_scale(scale, g)
+  z = clamp(round_ste(gradient_scale(zero_point, g)), q_min, q_max)
+  xf = jnp.asarray(x, jnp.float32)
+  out = (clamp(round_ste(xf / s + z), q_min, q_max) - z) * s
+  return out.astype(x.dtype)
+
+
 def init_from_range(x_min, x_max, n_bits: int, symmetric: bool):
   """(scale, zero_point) that reproduce the range [x_min, x_max] (the calibration result) as
   starting values of LSQ / LSQ+: the same widening to contain 0 as the uniform quantizers;
