@@ -81,9 +81,20 @@ def quant_defaults() -> ml_collections.ConfigDict:
   q.mse_search = 'grid'            # MSE / CE estimators: 'grid' | 'golden'
   q.num_candidates = 100           # MSE grid size
   q.quant_setup = 'all'
-  q.quant_dict = ''                # e.g. "{'y': 16, 'h': 'ngp6'}"
+  q.quant_dict = ml_collections.FieldReference('', field_type=object)  # "{'y': 16, 'h': 'ngp6'}" or a dict
   q.dynamic = False                # never freeze activation ranges
   q.int8 = False                   # run Linear layers as int8 matmuls (AQT)
+  # AdaRound (eval.py --config.quant.adaround=True): per-layer learned rounding of the weights.
+  q.adaround = False
+  q.adaround_iters = 10000         # optimisation steps per layer
+  q.adaround_samples = 1024        # calibration sequences per layer
+  q.adaround_lambda = 0.01         # weight of the rounding regulariser
+  q.adaround_beta = (20.0, 2.0)    # regulariser beta, annealed (cosine) start -> end
+  q.adaround_warmup = 0.2          # fraction of iterations without the regulariser
+  q.adaround_lr = 1e-3             # Adam learning rate of the rounding variables
+  # QAT (train.py --config.quant.qat=True): train the quantized model (ranges from calibration).
+  q.qat = False
+  q.learn_ranges = 'none'          # 'none' (frozen) | 'minmax' | 'lsq' | 'lsq+'
   return q
 
 

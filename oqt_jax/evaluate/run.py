@@ -322,10 +322,16 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: Optional[str], *,
     qcfg = config.quant
     _info(f'calibrating on {qcfg.est_num_batches} batches (quant_setup={qcfg.quant_setup}, '
           f'quant_dict={qcfg.quant_dict!r}, int8={qcfg.int8})')
-    qmodel, qvars = quant.calibrate(
-        model, variables, checked(calibration_batches(cal, bs, int(qcfg.est_num_batches)),
-                                  model, 'calibration batch'), qcfg,
-        progress=progress)
+    if qcfg.get('adaround', False):   # AdaRound weights (calibration batches + samples)
+      n_cal = max(int(qcfg.est_num_batches), -(-int(qcfg.adaround_samples) // bs))
+      qmodel, qvars = quant.adaround(
+          model, variables, checked(calibration_batches(cal, bs, n_cal), model,
+                                    'calibration batch'), qcfg, progress=progress)
+    else:
+      qmodel, qvars = quant.calibrate(
+          model, variables, checked(calibration_batches(cal, bs, int(qcfg.est_num_batches)),
+                                    model, 'calibration batch'), qcfg,
+          progress=progress)
     q, q_first = outliers.evaluate(qmodel, qvars, checked(val.eval_batches(bs, nb), model,
                                                           'validation batch'), num_batches=nb,
                                    progress=progress, desc='quantized eval', keep_first=True)

@@ -4,6 +4,7 @@
   x_q = quant.quantize_dequantize(x, n_bits=8, symmetric=False, x_min=-1., x_max=2.)
   qcfg = quant.config(n_bits=8, n_bits_act=8, quant_dict="{'h': 'ngp6'}")
   qmodel, qvariables = quant.calibrate(model, variables, batches, qcfg)
+  qmodel, qvariables = quant.adaround(model, variables, batches, qcfg)   # AdaRound weights
   out = qmodel.apply(qvariables, input_ids, attention_mask=mask)
   quant.validate_quant_config(config)      # ConfigError 'quant.<field>=...: why'
 
@@ -19,6 +20,9 @@ from oqt_jax.quant.points import (QUANT_SETUPS, PointSpec, Rules, config, descri
 from oqt_jax.quant.quantizers import quantize_dequantize, scale_zero_point
 
 
+from oqt_jax.quant.methods.adaround import adaround  # noqa: E402  (imports the modules above)
+
+
 def hooks(qcfg, model_cfg, mode=None, **kw) -> QuantHooks:
   """QuantHooks for a quant config and a model config (mode: frozen, or dynamic if set)."""
   return QuantHooks.build(qcfg, model_cfg, mode=mode, **kw)
@@ -29,6 +33,6 @@ def rules(qcfg, model_cfg) -> Rules:
   return Rules.build(qcfg, model_cfg)
 
 
-__all__ = ['QUANT_SETUPS', 'PointSpec', 'QuantHooks', 'Rules', 'calibrate', 'config',
+__all__ = ['QUANT_SETUPS', 'PointSpec', 'QuantHooks', 'Rules', 'adaround', 'calibrate', 'config',
            'describe', 'hooks', 'model_inputs', 'parse_quant_dict', 'quant_ranges',
            'quantize_dequantize', 'rules', 'scale_zero_point', 'validate_quant_config']

@@ -21,7 +21,14 @@ Modes:
   'frozen'       quantize with the stored ranges (read only);
   'dynamic'      activation ranges from the current batch alone (the estimator on a fresh
                  state), weights and permutations from the store;
-  'fp'           hooks are identities (a floating-point run of a quantized model).
+  'fp'           hooks are identities (a floating-point run of a quantized model);
+  'learned'      QAT: as 'frozen', for a 'quant' collection that the train step differentiates
+                 (quant/methods/qat.py). A state {'x_min', 'x_max'} is the uniform quantizer
+                 (gradients reach the range through the STE: learn_ranges='minmax'); a state
+                 {'scale', 'zero_point', 'q_min', 'q_max'} is the LSQ quantizer with the
+                 gradient scale 1/sqrt(numel_per_scale * q_max) ('lsq': the zero-point is
+                 constant; 'lsq+': learned too, rounded with the STE). 'frozen' reads either
+                 form (an exported QAT model), without gradients to the ranges' meaning.
 """
 from __future__ import annotations
 
@@ -34,7 +41,7 @@ from oqt_jax.errors import ConfigError
 from oqt_jax.quant import estimators, quantizers
 from oqt_jax.quant.points import Rules
 
-MODES = ('init', 'stats', 'calibrating', 'frozen', 'dynamic', 'fp')
+MODES = ('init', 'stats', 'calibrating', 'frozen', 'dynamic', 'fp', 'learned')
 COLLECTION = 'quant'
 TIED_TABLES = ('Et', 'Ep', 'Ets', 'wM')   # (rows, features) tables: output channel = axis 0
 
@@ -78,6 +85,7 @@ class QuantHooks:
   rules: Rules
   mode: str = 'frozen'
   int8_backend: str = 'aqt'     # 'aqt' (int8 matmuls) | 'fake' (the same arithmetic in float)
+  learn_ranges: str = 'none'    # mode 'learned': which range parameters get gradients
 
   def __post_init__(self):
     if self.mode not in MODES:
@@ -141,8 +149,24 @@ class QuantHooks:
       axes = weight_reduce_axes(name, w, self.rules.per_channel)
     else:   # not calibrated: ranges from the weight itself, every call
       state, axes = self.weight_state(name, w)
+    if 'scale' in state:            # learned step size (QAT with LSQ / LSQ+)
+      return self._lsq(state, w, axes)
     x_min, x_max = self._ranges(state, w.ndim, axes)
     return quantizers.quantize_dequantize(w, spec.n_bits, spec.symmetric, x_min, x_max)
+
+  def _lsq(self, state, x, axes):
+    """x quantized with an LSQ / LSQ+ state (mode 'learned', or 'frozen' on a QAT export)."""
+    from oqt_jax.quant.methods import lsq
+    import jax
+    import jax.numpy as jnp
+    scale = quantizers.expand_range(state['scale'], x.ndim, axes)
+    zp = quantizers.expand_range(state['zero_point'], x.ndim, axes)
+    q_min = jax.lax.stop_gradient(state['q_min'])
+    q_max = jax.lax.stop_gradient(state['q_max'])
+    if self.learn_ranges != 'lsq+':
+      zp = jax.lax.stop_gradient(zp)
+    g = 1.0 / jnp.sqrt(jnp.float32(x.size / max(int(jnp.size(state['scale'])), 1)) * q_max)
+    return lsq.lsq_affine_quantize(x, scale, zp, q_min, q_max, g)
 
   # ---- activations -----------------------------------------------------------------------------
   def keeps_float32(self, name) -> bool:
@@ -213,8 +237,10 @@ class QuantHooks:
       stored.update(new)
       module.put_variable(COLLECTION, name, stored)
       state = stored
-    elif mode == 'frozen':
+    elif mode in ('frozen', 'learned'):
       state = self._read(module, name, 'range')
+      if 'scale' in state:
+        return self._lsq(state, x, axes)
     else:  # dynamic: the estimator on this batch alone
       state = self._update(spec, estimators.init_state(shape), xs, ms, axes)
     x_min, x_max = state['x_min'], state['x_max']

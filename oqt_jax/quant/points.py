@@ -96,12 +96,27 @@ QUANT_DEFAULTS = dict(
     momentum=0.9, est_num_batches=16, per_channel=False, quant_setup='all', quant_dict='',
     dynamic=False, int8=False)
 EXTRA_DEFAULTS = dict(act_granularity='per_tensor', permute_shared_h=False, mse_search='grid',
-                      num_candidates=100)
+                      num_candidates=100,
+                      # AdaRound (quant/methods/adaround.py): the originals' defaults.
+                      adaround=False, adaround_iters=10000, adaround_samples=1024,
+                      adaround_lambda=0.01, adaround_beta=(20.0, 2.0), adaround_warmup=0.2,
+                      adaround_lr=1e-3,
+                      # QAT (quant/methods/qat.py): train.py trains the quantized model.
+                      qat=False, learn_ranges='none')
+LEARN_RANGES = ('none', 'minmax', 'lsq', 'lsq+')
+# n_bits_act=32: activations stay floating point (W4A32).
+FP_ACT_BITS = 32
+
+
+def _quant_dict_field(value=''):
+  """quant_dict accepts the string form (command line) and a Python dict."""
+  return ml_collections.FieldReference(value, field_type=object)
 
 
 def config(**overrides) -> ml_collections.ConfigDict:
   """A validated `config.quant` ConfigDict: the originals' defaults, then `overrides`."""
   q = ml_collections.ConfigDict(dict(QUANT_DEFAULTS, **EXTRA_DEFAULTS))
+  q.quant_dict = _quant_dict_field()
   for k, v in overrides.items():
     if k not in q:
       raise ConfigError(f'quant.{k}: unknown field (known: {", ".join(sorted(q))})')
@@ -235,8 +250,11 @@ def validate_quant_config(config) -> None:
 
   for f in ('n_bits', 'n_bits_act'):
     v = _get(q, f)
+    if f == 'n_bits_act' and v == FP_ACT_BITS and not isinstance(v, bool):
+      continue   # floating-point activations (W4A32)
     if isinstance(v, bool) or not isinstance(v, int) or not 2 <= v <= 16:
-      bad(f, 'expected an integer bit width in 2..16')
+      bad(f, 'expected an integer bit width in 2..16' + (' or 32 (floating point)'
+                                                         if f == 'n_bits_act' else ''))
   for f in ('qmethod', 'qmethod_acts'):
     if _get(q, f) not in QMETHODS:
       bad(f, f'expected one of {QMETHODS}')
@@ -271,6 +289,32 @@ def validate_quant_config(config) -> None:
     bad('int8', f'int8 matmuls need n_bits <= 8, got n_bits={_get(q, "n_bits")}')
   if _get(q, 'int8') and _get(q, 'qmethod') != 'symmetric_uniform':
     bad('int8', "int8 matmuls need symmetric weights (quant.qmethod='symmetric_uniform')")
+  _validate_methods(q, bad)
+
+
+def _validate_methods(q, bad) -> None:
+  """The AdaRound and QAT fields."""
+  for f in ('adaround', 'qat'):
+    if not isinstance(_get(q, f), bool):
+      bad(f, 'expected True or False')
+  for f in ('adaround_iters', 'adaround_samples'):
+    v = _get(q, f)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+      bad(f, 'must be > 0')
+  for f in ('adaround_lambda', 'adaround_lr'):
+    v = _get(q, f)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+      bad(f, 'must be > 0')
+  w = _get(q, 'adaround_warmup')
+  if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w < 1:
+    bad('adaround_warmup', 'must be a fraction of the iterations in [0, 1)')
+  b = _get(q, 'adaround_beta')
+  ok = (isinstance(b, (tuple, list)) and len(b) == 2
+        and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in b))
+  if not ok or not b[0] >= b[1] > 0:
+    bad('adaround_beta', 'expected (start, end) with start >= end > 0, e.g. (20, 2)')
+  if _get(q, 'learn_ranges') not in LEARN_RANGES:
+    bad('learn_ranges', f'expected one of {LEARN_RANGES}')
 
 
 # ---- resolution ------------------------------------------------------------------------------
@@ -406,6 +450,8 @@ class Rules:
 
   def _act_spec(self, name, base, layer) -> PointSpec:
     enabled, bits, est = True, self.n_bits_act, self.ranges_acts
+    if bits == FP_ACT_BITS:         # W4A32: activations in floating point unless overridden
+      enabled, bits = False, 8
     d = self.act_default
     gran, ng, perm = d.granularity or 'per_tensor', d.n_groups, d.permute
     setup = self.quant_setup

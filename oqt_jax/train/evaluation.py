@@ -87,11 +87,16 @@ def _eval_metrics(state, config, ds, batches: Iterable[Mapping[str, np.ndarray]]
   (the jitted step of oqt_jax/evaluate/outliers.py, which uses the training loss)."""
   from oqt_jax.evaluate import outliers
   model = models.build(models.from_config(config.model))
+  variables = {'params': state.params}
+  if getattr(state, 'quant', None) is not None:   # QAT: the quantized model being trained
+    from oqt_jax.quant.methods import qat
+    model = model.clone(quant=qat.train_hooks(config, model.cfg).with_mode('frozen'))
+    variables['quant'] = state.quant
   step_fn = outliers.make_eval_step(model, return_tensors=False)
   acc, n = None, 0
   with shd.activation_context(mesh):   # traced on the first call: the constraints apply
     for b in batches:
-      sums, _ = step_fn({'params': state.params}, device_eval_batch(b, mesh))
+      sums, _ = step_fn(variables, device_eval_batch(b, mesh))
       acc = outliers.accumulate(acc, sums)
       n += 1
   if acc is None:

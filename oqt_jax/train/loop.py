@@ -23,6 +23,7 @@ import numpy as np
 
 from oqt_jax import data, models
 from oqt_jax.errors import CheckpointError, ConfigError, NonFiniteError
+from oqt_jax.quant.methods import qat
 from oqt_jax.train import sharding as shd
 from oqt_jax.train.checkpoint import Checkpointer
 from oqt_jax.config import prepare_workdir, validate
@@ -225,17 +226,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   shardings = state_shardings(model, tx, mesh)
   ckpt = Checkpointer(workdir, keep=config.keep_checkpoints, every=config.checkpoint_every_steps)
   target = abstract_state(model, tx, mesh, shardings)
-  items, restored_step = ckpt.restore_latest(target.checkpoint_items())
+  qat_on = qat.enabled(config)
+  if qat_on:   # the range state is part of the train state (replicated)
+    qat.check(config, mcfg)
+    shardings, target = _qat_target(model, config, shardings, target, train_ds, global_rows,
+                                    mesh, schedule)
+  items, restored_step = _restore(ckpt, target, qat_on)
   if items is not None:
     state = target.with_items(items)
     start = int(jax.device_get(state.step))
     _info(f'resumed from {ckpt.step_dir(restored_step)} (step {start})')
   else:
-    state = create_train_state(model, tx, mesh, config.seed, shardings)
+    state = create_train_state(model, tx, mesh, config.seed, shardings.replace(
+        quant=None, quant_opt_state=None, range_tx=None, learn_ranges='none'))
     start = 0
   schedule_note = schedule_change(config, workdir, start) if items is not None else None
   if schedule_note:
     _info(schedule_note)
+  if qat_on and (items is None or 'quant' not in items):   # QAT starts here: calibrate
+    state = _start_qat(model, config, state, shardings, train_ds, global_rows, mesh)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'config.json'), 'w') as fh:
       fh.write(config.to_json_best_effort(indent=2, sort_keys=True))
@@ -281,7 +290,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                   where=f'train batch of step {step + 1}')
       if train_step is None:
         batch_keys = tuple(sorted(hb))
-        train_step = make_train_step(model, head, schedule, shardings, mesh, batch_keys)
+        train_step = make_train_step(qat.quantized_model(model, config) if qat_on else model,
+                                     head, schedule, shardings, mesh, batch_keys)
       step_tokens = int(hb['attention_mask'].sum()) * jax.process_count()
       state, m = train_step(state, device_batch(hb, mesh, global_rows))
       pending.append(m)
@@ -372,6 +382,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             f'{ev["eval_perplexity"]:.2f}')
     if finished and config.get('export_hf', True):
       summary['hf_dir'] = export_hf(model, state, tokenizer, os.path.join(workdir, HF_DIR))
+      if qat_on and summary['hf_dir']:   # the learned quantizers, beside the weights
+        qat.export(shd.to_host(state.quant), summary['hf_dir'], config)
       if summary['hf_dir']:
         _info(f'HF checkpoint written to {summary["hf_dir"]}')
   finally:
@@ -399,3 +411,48 @@ def schedule_change(config, workdir: str, start: int) -> Optional[str]:
     return None
   return (f'note: {", ".join(changed)} (from {path}): the learning-rate schedule changes from '
           f'the resumed step {start} on')
+
+
+# ---------------------------------------------------------------------------- QAT
+def _qat_target(model, config, shardings, target, train_ds, global_rows, mesh, schedule):
+  """Shardings and restore target with the QAT range state (replicated)."""
+  hb = host_batch(train_ds, 0, global_rows, 1)
+  batch = {k: v[0] for k, v in hb.items()}
+  learn = qat.learn_ranges(config)
+  range_tx = qat.range_optimizer(schedule)
+  quant = qat.abstract_quant(model, config, target.params, batch)
+  opt = jax.eval_shape(range_tx.init, qat.split(quant, learn))
+  rep = shd.replicated(mesh)
+  shardings = shardings.replace(quant=jax.tree.map(lambda _: rep, quant),
+                                quant_opt_state=jax.tree.map(lambda _: rep, opt),
+                                range_tx=range_tx, learn_ranges=learn)
+  spec = lambda t: jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), t)
+  target = target.replace(quant=spec(quant), quant_opt_state=spec(opt), range_tx=range_tx,
+                          learn_ranges=learn)
+  return shardings, target
+
+
+def _restore(ckpt, target, qat_on):
+  """restore_latest; with QAT, a floating-point checkpoint (no range state) restores its
+  parameters and QAT starts from them."""
+  try:
+    return ckpt.restore_latest(target.checkpoint_items())
+  except CheckpointError as e:
+    if not (qat_on and 'quant' in str(e) and 'missing from the checkpoint' in str(e)):
+      raise
+  fp = target.replace(quant=None, quant_opt_state=None)
+  items, step = ckpt.restore_latest(fp.checkpoint_items())
+  _info(f'QAT starts from the floating-point checkpoint {ckpt.step_dir(step)}')
+  return items, step
+
+
+def _start_qat(model, config, state, shardings, train_ds, global_rows, mesh):
+  """Calibrate the ranges on est_num_batches train batches and add them to the state."""
+  n = int(config.quant.est_num_batches)
+  batches = [{k: v[0] for k, v in host_batch(train_ds, i, global_rows, 1).items()}
+             for i in range(n)]
+  quant = qat.calibrate_ranges(model, shd.to_host(state.params), batches, config)
+  _info(f'QAT: ranges calibrated on {n} train batches (learn_ranges='
+        f'{qat.learn_ranges(config)!r})')
+  return qat.with_quant(state, quant, shardings.range_tx, shardings.learn_ranges,
+                        shd.replicated(mesh))

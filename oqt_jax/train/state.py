@@ -30,15 +30,26 @@ class TrainState(struct.PyTreeNode):
   rng: jax.Array
   apply_fn: Callable = struct.field(pytree_node=False, default=None)
   tx: optax.GradientTransformation = struct.field(pytree_node=False, default=None)
+  # QAT (quant/methods/qat.py): the 'quant' collection and the optimizer state of its
+  # learnable leaves; None when the run trains a floating-point model.
+  quant: Any = None
+  quant_opt_state: Any = None
+  range_tx: optax.GradientTransformation = struct.field(pytree_node=False, default=None)
+  learn_ranges: str = struct.field(pytree_node=False, default='none')
 
   def checkpoint_items(self) -> dict:
     """The part that is saved: a plain dict of arrays."""
-    return {'step': self.step, 'params': self.params, 'opt_state': self.opt_state,
-            'rng': self.rng}
+    items = {'step': self.step, 'params': self.params, 'opt_state': self.opt_state,
+             'rng': self.rng}
+    if self.quant is not None:
+      items.update(quant=self.quant, quant_opt_state=self.quant_opt_state)
+    return items
 
   def with_items(self, items: dict) -> 'TrainState':
     return self.replace(step=items['step'], params=items['params'],
-                        opt_state=items['opt_state'], rng=items['rng'])
+                        opt_state=items['opt_state'], rng=items['rng'],
+                        quant=items.get('quant', self.quant),
+                        quant_opt_state=items.get('quant_opt_state', self.quant_opt_state))
 
 
 def seed_keys(seed: int):

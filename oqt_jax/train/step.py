@@ -28,10 +28,11 @@ def model_inputs(batch: Mapping[str, Any], model_type: str) -> dict:
 
 
 def loss_sum_fn(apply_fn: Callable, head: str, model_type: str, params, batch, *,
-                deterministic: bool, dropout_rng=None):
-  """(sum, count) of the head's loss on one (micro-)batch."""
+                deterministic: bool, dropout_rng=None, quant=None):
+  """(sum, count) of the head's loss on one (micro-)batch (`quant`: QAT's 'quant' collection)."""
   rngs = None if deterministic else {'dropout': dropout_rng}
-  out = apply_fn({'params': params}, **model_inputs(batch, model_type),
+  variables = {'params': params} if quant is None else {'params': params, 'quant': quant}
+  out = apply_fn(variables, **model_inputs(batch, model_type),
                  deterministic=deterministic, rngs=rngs)
   return losses.loss_for_head(head, out.logits, batch)
 
@@ -65,13 +66,17 @@ def make_train_step(model: nn.Module, head: str, schedule: optax.Schedule,
   model_type = model.cfg.model_type
   apply_fn = model.apply
 
-  def micro_grads(params, mb, rng):
-    def f(p):
+  def micro_grads(params, mb, rng, quant=None, learn='none'):
+    # QAT: the learnable leaves of the 'quant' collection are differentiated with the params.
+    from oqt_jax.quant.methods import qat
+    ranges = None if quant is None else qat.split(quant, learn)
+
+    def f(p, r):
       s, c = loss_sum_fn(apply_fn, head, model_type, p, mb, deterministic=False,
-                         dropout_rng=rng)
+                         dropout_rng=rng, quant=None if quant is None else qat.merge(quant, r))
       return s, c
-    (s, c), g = jax.value_and_grad(f, has_aux=True)(params)
-    return s, c, g
+    (s, c), (g, gr) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(params, ranges)
+    return s, c, g if quant is None else (g, gr)
 
   def train_step(state: TrainState, batch):
     with shd.activation_context(mesh):
@@ -80,23 +85,33 @@ def make_train_step(model: nn.Module, head: str, schedule: optax.Schedule,
   def _train_step(state: TrainState, batch):
     step_rng = jax.random.fold_in(state.rng, state.step)
     n_micro = jax.tree.leaves(batch)[0].shape[0]
+    qat_kw = {} if state.quant is None else dict(quant=state.quant, learn=state.learn_ranges)
     if n_micro == 1:
       s, c, g = micro_grads(state.params, jax.tree.map(lambda x: x[0], batch),
-                            jax.random.fold_in(step_rng, 0))
+                            jax.random.fold_in(step_rng, 0), **qat_kw)
     else:
       zeros = jax.tree.map(jnp.zeros_like, state.params)
       zeros = jax.lax.with_sharding_constraint(zeros, shardings.params)
+      if qat_kw:
+        from oqt_jax.quant.methods import qat
+        zeros = (zeros, jax.tree.map(jnp.zeros_like, qat.split(state.quant, state.learn_ranges)))
 
       def body(carry, xs):
         i, mb = xs
-        s, c, g = micro_grads(state.params, mb, jax.random.fold_in(step_rng, i))
+        s, c, g = micro_grads(state.params, mb, jax.random.fold_in(step_rng, i), **qat_kw)
         acc_s, acc_c, acc_g = carry
         acc_g = jax.tree.map(jnp.add, acc_g, g)
-        acc_g = jax.lax.with_sharding_constraint(acc_g, shardings.params)
+        if qat_kw:
+          acc_g = (jax.lax.with_sharding_constraint(acc_g[0], shardings.params), acc_g[1])
+        else:
+          acc_g = jax.lax.with_sharding_constraint(acc_g, shardings.params)
         return (acc_s + s, acc_c + c, acc_g), None
       init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
       (s, c, g), _ = jax.lax.scan(body, init, (jnp.arange(n_micro), batch))
     denom = jnp.maximum(c, 1.0)
+    if qat_kw:   # QAT: the ranges' update (Adam on the same schedule)
+      g, g_ranges = g
+      state = _update_ranges(state, jax.tree.map(lambda x: x / denom, g_ranges))
     grads = jax.tree.map(lambda x: x / denom, g)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
@@ -110,6 +125,15 @@ def make_train_step(model: nn.Module, head: str, schedule: optax.Schedule,
                'finite': finite.astype(jnp.float32)}
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
+
+  def _update_ranges(state, g_ranges):
+    from oqt_jax.quant.methods import qat
+    ranges = qat.split(state.quant, state.learn_ranges)
+    if not ranges:
+      return state
+    upd, ropt = state.range_tx.update(g_ranges, state.quant_opt_state, ranges)
+    return state.replace(quant=qat.merge(state.quant, optax.apply_updates(ranges, upd)),
+                         quant_opt_state=ropt)
 
   bshard = {k: shd.batch_sharding(mesh, 3, batch_dim=1) for k in batch_keys}
   rep = shd.replicated(mesh)

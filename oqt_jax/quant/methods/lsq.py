@@ -11,7 +11,9 @@ grid before use:
   z_r   = clamp(round_ste(z_g), q_min, q_max)
   q(x)  = (clamp(round_ste(x / s_g + z_r), q_min, q_max) - z_r) * s_g
 
-`gradient_scale(v, g)` is v in the forward pass and multiplies v's gradient by g. The
+`gradient_scale(v, g)` is v in the forward pass and multiplies v's gradient by g (a custom
+VJP, so the forward value is v bit for bit; the originals' `(v - v*g).detach() + v*g` can be
+an ulp off). The
 per-tensor g uses numel = x.size; per channel numel / C (`grad_factor(x, q_max, channels)`).
 Arithmetic is float32; the output has x's dtype.
 """
@@ -25,10 +27,27 @@ import jax.numpy as jnp
 from oqt_jax.quant.quantizers import clamp, int_grid, round_ste
 
 
+@jax.custom_vjp
+def _scaled_identity(v, g):
+  return v
+
+
+def _scaled_identity_fwd(v, g):
+  return v, g
+
+
+def _scaled_identity_bwd(g, ct):
+  return ct * g, jnp.zeros_like(g)
+
+
+_scaled_identity.defvjp(_scaled_identity_fwd, _scaled_identity_bwd)
+
+
 def gradient_scale(v, g):
-  """v in the forward pass; d/dv of anything downstream is multiplied by g."""
+  """v in the forward pass (exactly: no v - v*g + v*g rounding); d/dv of anything downstream
+  is multiplied by g."""
   v = jnp.asarray(v, jnp.float32)
-  return jax.lax.stop_gradient(v - v * g) + v * g
+  return _scaled_identity(v, jnp.asarray(g, jnp.float32))
 
 
 def grad_factor(x, q_max: float, channels: int = 1) -> float:
@@ -59,6 +78,18 @@ def lsq_plus_quantize(x, scale, zero_point, n_bits: int, *, g=None):
   q_min, q_max = int_grid(n_bits, symmetric=False)
   if g is None:
     g = grad_factor(x, q_max)
+  s = gradient_scale(scale, g)
+  z = clamp(round_ste(gradient_scale(zero_point, g)), q_min, q_max)
+  xf = jnp.asarray(x, jnp.float32)
+  out = (clamp(round_ste(xf / s + z), q_min, q_max) - z) * s
+  return out.astype(x.dtype)
+
+
+def lsq_affine_quantize(x, scale, zero_point, q_min, q_max, g):
+  """The LSQ+ formula on a given integer grid [q_min, q_max] (arrays allowed, e.g. a
+  symmetric signed or unsigned grid chosen at calibration): the zero-point is rounded with
+  the STE and clamped to the grid; scale and zero-point gradients are multiplied by g
+  (stop the zero-point's gradient for plain LSQ)."""
   s = gradient_scale(scale, g)
   z = clamp(round_ste(gradient_scale(zero_point, g)), q_min, q_max)
   xf = jnp.asarray(x, jnp.float32)
