@@ -116,4 +116,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_every_steps = 1000
   c.log_every_steps = 50
   c.export_hf = True               # write the final model as an HF checkpoint dir
+  # Fine-tuning (GLUE; configs/glue/*).
+  c.init_from = ''                 # start from: HF dir / hub name, or a train.py workdir (hf/ or checkpoints/); '' = random init
+  c.num_train_epochs = -1.0        # > 0: num_train_steps = epochs x ceil(train examples / batch), resolved at run time
+  c.warmup_ratio = -1.0            # >= 0: warmup_steps = ratio x num_train_steps (resolved at run time)
   return c

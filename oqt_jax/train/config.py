@@ -79,7 +79,20 @@ def validate_train_config(config) -> None:
   _int(config, 'log_every_steps', 1)
   if not isinstance(_get(config, 'export_hf', True), bool):
     _bad('export_hf', _get(config, 'export_hf'), 'must be True or False')
+  validate_finetune_config(config)
   validate_mesh_config(_get(config, 'mesh'))
+
+
+def validate_finetune_config(config) -> None:
+  """init_from (a string), num_train_epochs (> 0 or <= 0 = off), warmup_ratio (< 0 = off, else
+  in [0, 1])."""
+  init = _get(config, 'init_from', '')
+  if not isinstance(init, str):
+    _bad('init_from', init, 'must be a path, hub name or empty')
+  _float(config, 'num_train_epochs', default=-1.0)
+  ratio = _float(config, 'warmup_ratio', default=-1.0)
+  if ratio > 1.0:
+    _bad('warmup_ratio', ratio, 'must be <= 1 (a fraction of num_train_steps; < 0: use warmup_steps)')
 
 
 def validate_mesh_config(mesh) -> None:

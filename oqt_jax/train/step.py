@@ -88,7 +88,9 @@ def make_train_step(model: nn.Module, head: str, schedule: optax.Schedule,
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
 
-  bshard = {k: shd.batch_sharding(mesh, 3, batch_dim=1) for k in batch_keys}
+  # (A, B, T) token arrays; a classification head's labels are (A, B).
+  bshard = {k: shd.batch_sharding(mesh, 2 if (k == 'labels' and head == 'cls') else 3,
+                                  batch_dim=1) for k in batch_keys}
   rep = shd.replicated(mesh)
   return jax.jit(train_step, in_shardings=(shardings, bshard),
                  out_shardings=(shardings, rep), donate_argnums=(0,) if donate else ())
