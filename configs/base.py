@@ -129,4 +129,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.export_hf = True               # write the final model as an HF checkpoint dir
   c.nonfinite = 'stop'             # non-finite loss / gradient: 'stop' (exit 2, nothing saved) | 'skip' (update skipped)
   c.max_skipped_steps = 10         # nonfinite='skip': stop after this many non-finite steps in a row
+  # Fine-tuning (GLUE; configs/glue/*).
+  c.init_from = ''                 # start from: HF dir / hub name, or a train.py workdir (hf/ or checkpoints/); '' = random init
+  c.num_train_epochs = -1.0        # > 0: num_train_steps = epochs x ceil(train examples / batch), resolved at run time
+  c.warmup_ratio = -1.0            # >= 0: warmup_steps = ratio x num_train_steps (resolved at run time)
   return c

@@ -1,7 +1,12 @@
 """GLUE sequence classification / regression: task table, loading, batches and metrics.
 
 Data: `datasets.load_dataset('nyu-mll/glue', task)`, or, when `data.hub_name` is set, that
-hub name or local folder (a `DatasetDict.save_to_disk` with the task's columns and 'label').
+hub name or local folder (a `DatasetDict.save_to_disk` with the task's columns and 'label'),
+or, when `data.files` is set, a folder holding the task's files: the GLUE TSVs as distributed
+(train.tsv, dev.tsv; MNLI dev_matched.tsv / dev_mismatched.tsv; CoLA without a header) or
+JSONL files with the hub's column names (train.jsonl, validation.jsonl; MNLI
+validation_matched.jsonl / validation_mismatched.jsonl). Split 'validation' is the dev set
+(MNLI: matched); 'validation_mismatched' is MNLI's mismatched dev set.
 Sequences are "[CLS] A [SEP]" or "[CLS] A [SEP] B [SEP]" (BERT; OPT: "</s> A </s> B"),
 truncated and padded to data.max_seq_length. Labels: int32 class ids, float32 for stsb.
 Eval batches fill their last batch with rows labelled -100 (to be ignored; also for stsb).
@@ -63,9 +68,185 @@ def _split_name(info: GlueTask, split: str) -> str:
   return info.validation_split if split == 'validation' else split
 
 
-def load_glue_split(data_config, split: str):
-  """The raw rows (datasets.Dataset) of a GLUE split; 'validation' = the task's dev split."""
+# --------------------------------------------------------------------------- local files
+# The GLUE TSVs as distributed (the GLUE download script's folders): per task, whether the
+# file has a header, and where the sentences and the label are (header names, or column
+# indices for CoLA, whose train / dev files have no header: source, label, original label,
+# sentence). String labels map to the hub's class ids.
+@dataclasses.dataclass(frozen=True)
+class TsvFormat:
+  header: bool
+  columns: tuple                # (sentence1, sentence2 or None, label): names or indices
+  label_map: tuple = ()         # ((string, class id), ...); () = the label is a number
+
+
+_NLI3 = (('entailment', 0), ('neutral', 1), ('contradiction', 2))
+_NLI2 = (('entailment', 0), ('not_entailment', 1))
+TSV_FORMATS = {
+    'cola': TsvFormat(False, (3, None, 1)),
+    'sst2': TsvFormat(True, ('sentence', None, 'label')),
+    'mrpc': TsvFormat(True, ('#1 String', '#2 String', 'Quality')),
+    'qqp': TsvFormat(True, ('question1', 'question2', 'is_duplicate')),
+    'stsb': TsvFormat(True, ('sentence1', 'sentence2', 'score')),
+    'mnli': TsvFormat(True, ('sentence1', 'sentence2', 'gold_label'), _NLI3),
+    'qnli': TsvFormat(True, ('question', 'sentence', 'label'), _NLI2),
+    'rte': TsvFormat(True, ('sentence1', 'sentence2', 'label'), _NLI2),
+    'wnli': TsvFormat(True, ('sentence1', 'sentence2', 'label')),
+}
+# split (as asked by the pipeline or the hub's name) -> (TSV file stem, JSONL file stem)
+_LOCAL_SPLITS = {'train': ('train', 'train'), 'validation': ('dev', 'validation'),
+                 'validation_matched': ('dev_matched', 'validation_matched'),
+                 'validation_mismatched': ('dev_mismatched', 'validation_mismatched'),
+                 'test': ('test', 'test')}
+
+
+def local_files(task: str, split: str) -> tuple[str, str]:
+  """(TSV name, JSONL name) of `split` of `task` in a data.files folder; MNLI's
+  'validation' is the matched dev set."""
+  info = glue_task_info(task)
+  want = _split_name(info, split)
+  if want not in _LOCAL_SPLITS:
+    raise DataError(f"data.files: no local file name for split {split!r} of {task}")
+  tsv, jsonl = _LOCAL_SPLITS[want]
+  return tsv + '.tsv', jsonl + '.jsonl'
+
+
+def _label_value(raw: str, fmt: TsvFormat, info: GlueTask, where: str):
+  raw = raw.strip()
+  if fmt.label_map:
+    table = dict(fmt.label_map)
+    if raw not in table:
+      raise DataError(f"{where}: label {raw!r} is not one of {', '.join(table)}")
+    return table[raw]
+  try:
+    return float(raw) if info.is_regression else int(raw)
+  except ValueError:
+    raise DataError(f'{where}: label {raw!r} is not a number') from None
+
+
+def read_glue_tsv(path: str, task: str) -> dict[str, list]:
+  """Rows of a GLUE TSV as distributed, as columns with the hub's names + 'label'.
+
+  Read without quote processing (GLUE sentences contain unbalanced quotes); rows with too
+  few fields (a few broken lines of QQP's train.tsv) are skipped with a warning.
+  """
+  import csv  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  info = glue_task_info(task)
+  fmt = TSV_FORMATS[info.name]
+  k1, k2 = info.sentence_keys
+  cols: dict[str, list] = {k1: [], 'label': []}
+  if k2:
+    cols[k2] = []
+  csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+  skipped = 0
+  try:
+    with open(path, encoding='utf-8-sig', newline='') as f:
+      reader = csv.reader(f, delimiter='\t', quoting=csv.QUOTE_NONE)
+      if fmt.header:
+        header = next(reader, None)
+        if header is None:
+          raise DataError(f"data.files: '{path}' is empty")
+        header = [h.strip() for h in header]
+        idx = []
+        for name in fmt.columns:
+          if name is None:
+            idx.append(None)
+          elif name not in header:
+            raise DataError(f"data.files: '{path}' has no column '{name}' for task {task} "
+                            f"(header: {', '.join(header)})")
+          else:
+            idx.append(header.index(name))
+      else:
+        idx = list(fmt.columns)
+      need = max(i for i in idx if i is not None) + 1
+      for lineno, row in enumerate(reader, start=2 if fmt.header else 1):
+        if not row or (len(row) == 1 and not row[0].strip()):
+          continue
+        if len(row) < need:
+          skipped += 1
+          continue
+        where = f"data.files: '{path}' line {lineno}"
+        cols[k1].append(row[idx[0]])
+        if k2:
+          cols[k2].append(row[idx[1]])
+        cols['label'].append(_label_value(row[idx[2]], fmt, info, where))
+  except UnicodeDecodeError as e:
+    raise DataError(f"data.files: cannot decode '{path}' as UTF-8 ({e.reason} at byte "
+                    f'{e.start})') from None
+  except OSError as e:
+    raise DataError(f"data.files: cannot read '{path}' ({e.strerror or e})") from None
+  if skipped:
+    import logging  # pylint: disable=import-outside-toplevel
+    logging.getLogger(__name__).warning('%s: skipped %d rows with fewer than %d fields',
+                                        path, skipped, need)
+  return cols
+
+
+def read_glue_jsonl(path: str, task: str) -> dict[str, list]:
+  """Rows of a JSONL file with the hub's column names (one JSON object a line)."""
+  import json  # pylint: disable=import-outside-toplevel
+  info = glue_task_info(task)
+  keys = [k for k in info.sentence_keys if k] + ['label']
+  cols: dict[str, list] = {k: [] for k in keys}
+  try:
+    with open(path, encoding='utf-8') as f:
+      for lineno, line in enumerate(f, start=1):
+        if not line.strip():
+          continue
+        try:
+          row = json.loads(line)
+        except json.JSONDecodeError as e:
+          raise DataError(f"data.files: '{path}' line {lineno}: not JSON ({e.msg})") from None
+        for k in keys:
+          if not isinstance(row, dict) or k not in row:
+            raise DataError(f"data.files: '{path}' line {lineno}: no field '{k}' for task "
+                            f'{task}')
+          cols[k].append(row[k])
+  except UnicodeDecodeError as e:
+    raise DataError(f"data.files: cannot decode '{path}' as UTF-8 ({e.reason} at byte "
+                    f'{e.start})') from None
+  except OSError as e:
+    raise DataError(f"data.files: cannot read '{path}' ({e.strerror or e})") from None
+  cols['label'] = [float(v) if info.is_regression else int(v) for v in cols['label']]
+  return cols
+
+
+def local_glue_path(data_config, split: str) -> str:
+  """The file of `split` in the data.files folder: the TSV if present, else the JSONL."""
   info = glue_task_info(data_config.get('glue_task', ''))
+  folder = os.path.expanduser(str(data_config.get('files', '')))
+  if not os.path.isdir(folder):
+    raise DataError(f"data.files='{folder}': not a directory (for source=glue it is the "
+                    f"folder of the task's train.tsv / dev.tsv or train.jsonl / "
+                    'validation.jsonl)')
+  tsv, jsonl = local_files(info.name, split)
+  for name in (tsv, jsonl):
+    if os.path.isfile(os.path.join(folder, name)):
+      return os.path.join(folder, name)
+  raise DataError(f"data.files: no {os.path.join(folder, tsv)} (nor {jsonl}) for the "
+                  f'{info.name} {split} split')
+
+
+def load_local_glue_split(data_config, split: str):
+  """A GLUE split from the data.files folder, as a datasets.Dataset with the hub's columns."""
+  import datasets  # pylint: disable=import-outside-toplevel
+  info = glue_task_info(data_config.get('glue_task', ''))
+  path = local_glue_path(data_config, split)
+  cols = (read_glue_tsv(path, info.name) if path.endswith('.tsv')
+          else read_glue_jsonl(path, info.name))
+  if not cols['label']:
+    raise DataError(f"data.files: '{path}' has no rows")
+  return datasets.Dataset.from_dict(cols)
+
+
+def load_glue_split(data_config, split: str):
+  """The raw rows (datasets.Dataset) of a GLUE split; 'validation' = the task's dev split.
+
+  From data.files (a folder of the task's TSVs or JSONL files) when set, else the hub."""
+  info = glue_task_info(data_config.get('glue_task', ''))
+  if str(data_config.get('files', '') or '').strip():
+    return load_local_glue_split(data_config, split)
   name = data_config.get('hub_name', '') or GLUE_HUB_NAME
   field = 'data.hub_name' if data_config.get('hub_name', '') else f'data.glue_task={info.name}'
   dd = sources.load_hf(name, data_config.get('hub_config', '') or info.name, field,
@@ -155,6 +336,12 @@ def _glue_key_fields(data_config, split: str) -> dict:
   name = os.path.expanduser(data_config.get('hub_name', '') or '')
   fields = {'task': data_config.get('glue_task', ''), 'split': split, 'hub_name': name,
             'hub_config': data_config.get('hub_config', '')}
+  files = str(data_config.get('files', '') or '').strip()
+  if files:
+    path = local_glue_path(data_config, split)
+    st = os.stat(path)
+    fields['local_file'] = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    return fields
   if name and os.path.isdir(name):
     fields['local_files'] = sorted(
         (os.path.relpath(os.path.join(root, f), name), st.st_size, st.st_mtime_ns)
@@ -181,56 +368,7 @@ def build_glue_dataset(config, tok, split: str, workdir: str | None = None) -> G
 # --------------------------------------------------------------------------- metrics
 
 
-def _rank(x: np.ndarray) -> np.ndarray:
-  """Ranks with ties averaged (as scipy.stats.rankdata)."""
-  _, inv, counts = np.unique(x, return_inverse=True, return_counts=True)
-  start = np.cumsum(counts) - counts
-  return (start + (counts - 1) / 2.0)[inv]
-
-
-def _pearson(a: np.ndarray, b: np.ndarray) -> float:
-  a, b = a - a.mean(), b - b.mean()
-  den = np.sqrt((a * a).sum() * (b * b).sum())
-  return float((a * b).sum() / den) if den > 0 else 0.0
-
-
-def _matthews(pred: np.ndarray, label: np.ndarray) -> float:
-  classes = np.union1d(pred, label)
-  c = np.zeros((len(classes), len(classes)))
-  np.add.at(c, (np.searchsorted(classes, label), np.searchsorted(classes, pred)), 1)
-  t, p, n = c.sum(1), c.sum(0), c.sum()
-  num = np.trace(c) * n - (t * p).sum()
-  den = np.sqrt((n * n - (p * p).sum()) * (n * n - (t * t).sum()))
-  return float(num / den) if den > 0 else 0.0
-
-
 def glue_metrics(task: str, predictions, labels) -> dict[str, float]:
-  """The task's metrics. predictions: class ids, logits (N, C) or (regression) floats.
-
-  Rows with label -100 (padding rows of eval_batches) are ignored. Adds 'score', the mean of
-  the task's metrics (the per-task figure of a GLUE average).
-  """
-  info = glue_task_info(task)
-  pred = np.asarray(predictions)
-  label = np.asarray(labels)
-  if pred.ndim == 2:
-    pred = pred[:, 0] if info.is_regression else pred.argmax(-1)
-  keep = label != IGNORE_INDEX
-  pred, label = pred[keep], label[keep]
-  out: dict[str, float] = {}
-  if info.is_regression:
-    pred, label = pred.astype(np.float64), label.astype(np.float64)
-    out['pearson'] = _pearson(pred, label)
-    out['spearmanr'] = _pearson(_rank(pred), _rank(label))
-  else:
-    pred, label = pred.astype(np.int64), label.astype(np.int64)
-    out['accuracy'] = float((pred == label).mean()) if len(label) else 0.0
-    if 'f1' in info.metric_names:
-      tp = float(((pred == 1) & (label == 1)).sum())
-      fp = float(((pred == 1) & (label != 1)).sum())
-      fn = float(((pred != 1) & (label == 1)).sum())
-      out['f1'] = tp / (tp + 0.5 * (fp + fn)) if tp + fp + fn > 0 else 0.0
-    if 'matthews_correlation' in info.metric_names:
-      out['matthews_correlation'] = _matthews(pred, label)
-  out['score'] = float(np.mean([out[m] for m in info.metric_names]))
-  return out
+  """The task's metrics (scikit-learn / scipy); see oqt_jax.evaluate.glue.glue_metrics."""
+  from oqt_jax.evaluate import glue as glue_eval  # pylint: disable=import-outside-toplevel
+  return glue_eval.glue_metrics(task, predictions, labels)

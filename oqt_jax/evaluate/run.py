@@ -263,6 +263,42 @@ def check_finite_metrics(metrics, source, what='model') -> None:
                             f'({k} {v})')
 
 
+# ---- GLUE ------------------------------------------------------------------------------------
+def glue_datasets(config, workdir, val) -> dict:
+  """{split: dataset} of the dev sets to score for a GLUE config ({} otherwise):
+  'validation' (MNLI: matched) and, for MNLI, 'validation_mismatched'."""
+  if config.data.get('source', '') != 'glue':
+    return {}
+  sets = {'validation': val}
+  if config.data.glue_task == 'mnli':
+    from oqt_jax import data
+    tok = data.get_tokenizer(config, workdir)
+    sets['validation_mismatched'] = data.build_dataset(config, tok, 'validation_mismatched',
+                                                       workdir)
+  return sets
+
+
+def glue_report(model, variables, config, sets: dict, batch_size: int, *,
+                progress: bool = False, prefix: str = '') -> dict:
+  """The GLUE metrics of (model, variables) on each dev set (whole sets), printed; the
+  'validation' figures at the top level, other splits under their split name."""
+  from oqt_jax.evaluate import glue as glue_eval
+  out: dict[str, Any] = {}
+  for split, ds in sets.items():
+    batches = ds.eval_batches(batch_size)
+    if progress:
+      from tqdm.auto import tqdm
+      batches = tqdm(batches, total=ds.num_eval_batches(batch_size),
+                     desc=f'{prefix}GLUE {split}', unit='batch')
+    m = glue_eval.evaluate_glue(model, variables, config, batches)
+    print(glue_eval.format_glue(m, prefix=f'{prefix}{split} '))
+    if split == 'validation':
+      out.update(m)
+    else:
+      out[split] = m
+  return out
+
+
 # ---- the run ---------------------------------------------------------------------------------
 def _nan_to_none(x):
   if isinstance(x, float) and not math.isfinite(x):
@@ -301,6 +337,8 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: Optional[str], *,
   bs = int(batch_size or config.get('eval_batch_size', 32))
   nb = int(num_batches or config.get('num_eval_batches', 50))
   val, cal = datasets(config, workdir, calib=quantize)
+  if nb <= 0 and hasattr(val, 'num_eval_batches'):    # <= 0: the whole validation split
+    nb = val.num_eval_batches(bs)
   nb = min(nb, val.num_eval_batches(bs)) if hasattr(val, 'num_eval_batches') else nb
   if nb < 1:
     raise DataError(f'validation split: no evaluation batch (the split is empty, or '
@@ -316,6 +354,9 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: Optional[str], *,
   result: dict[str, Any] = dict(fp)
   result.update(model_path=source, model_type=mtype, head=model.cfg.resolved_head,
                 num_batches=nb, batch_size=bs)
+  glue_sets = glue_datasets(config, workdir, val)
+  if glue_sets:
+    result['glue'] = glue_report(model, variables, config, glue_sets, bs, progress=progress)
 
   q = q_first = None
   if quantize:
@@ -340,6 +381,9 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: Optional[str], *,
     print(outliers.format_summary(q, prefix='quantized '))
     q = dict(q, quant_config=qcfg.to_dict(),
              resolved_points=quant.describe(qmodel.quant.rules).split('\n'))
+    if glue_sets:
+      q['glue'] = glue_report(qmodel, qvars, config, glue_sets, bs, progress=progress,
+                              prefix='quantized ')
     result['quantized'] = q
 
   os.makedirs(out_dir, exist_ok=True)

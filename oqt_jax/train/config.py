@@ -84,7 +84,20 @@ def validate_train_config(config) -> None:
   if nf not in NONFINITE_MODES:
     _bad('nonfinite', nf, f'expected one of {NONFINITE_MODES}')
   _int(config, 'max_skipped_steps', 1, default=10)
+  validate_finetune_config(config)
   validate_mesh_config(_get(config, 'mesh'))
+
+
+def validate_finetune_config(config) -> None:
+  """init_from (a string), num_train_epochs (> 0 or <= 0 = off), warmup_ratio (< 0 = off, else
+  in [0, 1])."""
+  init = _get(config, 'init_from', '')
+  if not isinstance(init, str):
+    _bad('init_from', init, 'must be a path, hub name or empty')
+  _float(config, 'num_train_epochs', default=-1.0)
+  ratio = _float(config, 'warmup_ratio', default=-1.0)
+  if ratio > 1.0:
+    _bad('warmup_ratio', ratio, 'must be <= 1 (a fraction of num_train_steps; < 0: use warmup_steps)')
 
 
 def validate_mesh_config(mesh) -> None:

@@ -109,7 +109,21 @@ def _eval_metrics(state, config, ds, batches: Iterable[Mapping[str, np.ndarray]]
           'max_kurtosis': m['max_kurtosis']}
 
 
-EVAL_METRIC_FNS: list[Callable[..., dict]] = [_eval_metrics]
+def _glue_eval_metrics(state, config, ds, batches, mesh: Mesh) -> dict[str, Any]:
+  """GLUE runs (a dataset with task_info): the task's metrics on the dev batches
+  (glue_task, glue_metric = the headline score, and glue_<name> for each metric)."""
+  if getattr(ds, 'task_info', None) is None:
+    return {}
+  from oqt_jax.evaluate import glue as glue_eval
+  model = models.build(models.from_config(config.model))
+  with shd.activation_context(mesh):
+    m = glue_eval.evaluate_glue(model, {'params': state.params}, config, batches)
+  out: dict[str, Any] = {'glue_task': m['task'], 'glue_metric': m['metric']}
+  out.update({f'glue_{k}': m[k] for k in ds.task_info.metric_names})
+  return out
+
+
+EVAL_METRIC_FNS: list[Callable[..., dict]] = [_eval_metrics, _glue_eval_metrics]
 
 
 def register_eval_metrics(fn: Callable[..., dict]) -> Callable[..., dict]:

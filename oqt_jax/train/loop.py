@@ -29,6 +29,7 @@ from oqt_jax.train.checkpoint import Checkpointer
 from oqt_jax.config import prepare_workdir, validate
 from oqt_jax.train.config import check_batch_fit
 from oqt_jax.train.evaluation import evaluate
+from oqt_jax.train import init_from as init_lib
 from oqt_jax.train.metrics import MetricWriter
 from oqt_jax.train.guards import (NonFiniteMonitor, check_batch, nonfinite_leaves,
                                   window_record)
@@ -209,6 +210,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   global_rows = check_batch_fit(config, mesh.size, shd.batch_shards(mesh), jax.process_count())
   accum = int(config.gradient_accumulation_steps)
 
+  init_params = None
+  if config.get('init_from', ''):         # fine-tuning: model fields + tokenizer from init_from
+    config, init_params = init_lib.load_init(config, workdir)
   tokenizer = _get_tokenizer(data, config, workdir)
   config = resolve_config(config, tokenizer)
   mcfg = models.from_config(config.model)
@@ -222,6 +226,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if config.eval_every_steps or config.num_eval_batches:
     eval_ds = data.build_dataset(config, tokenizer, 'validation', workdir=workdir)
 
+  if config.get('num_train_epochs', -1) > 0 or config.get('warmup_ratio', -1.0) >= 0:
+    config = init_lib.resolve_schedule(config, train_ds.num_examples, global_rows * accum)
   tx, schedule = make_optimizer(config)
   shardings = state_shardings(model, tx, mesh)
   ckpt = Checkpointer(workdir, keep=config.keep_checkpoints, every=config.checkpoint_every_steps)
@@ -240,6 +246,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     state = create_train_state(model, tx, mesh, config.seed, shardings.replace(
         quant=None, quant_opt_state=None, range_tx=None, learn_ranges='none'))
     start = 0
+    if init_params is not None:
+      state = init_lib.with_params(state, init_params, shardings)
+  init_params = None
   schedule_note = schedule_change(config, workdir, start) if items is not None else None
   if schedule_note:
     _info(schedule_note)
@@ -379,7 +388,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       writer.write(step, ev, kind='eval')
       summary['eval'] = ev
       _info(f'step {step}: eval loss {ev["eval_loss"]:.4f}, perplexity '
-            f'{ev["eval_perplexity"]:.2f}')
+            f'{ev["eval_perplexity"]:.2f}' + (f', {ev["glue_task"]} {ev["glue_metric"]:.4f}'
+                                              if 'glue_metric' in ev else ''))
     if finished and config.get('export_hf', True):
       summary['hf_dir'] = export_hf(model, state, tokenizer, os.path.join(workdir, HF_DIR))
       if qat_on and summary['hf_dir']:   # the learned quantizers, beside the weights

@@ -44,11 +44,14 @@ def clm_loss(logits, labels, attention_mask=None):
 
 
 def classification_loss(logits, labels):
-  """(sum, count): softmax cross-entropy for (B, C) logits, squared error when C == 1."""
+  """(sum, count): softmax cross-entropy for (B, C) logits, squared error when C == 1.
+  Rows labelled -100 (the filler rows of eval batches) are ignored."""
+  valid = labels != IGNORE_INDEX
   if logits.shape[-1] == 1:
     err = logits[..., 0].astype(jnp.float32) - labels.astype(jnp.float32)
-    return jnp.sum(err * err), jnp.asarray(labels.shape[0], jnp.float32)
-  return cross_entropy_sum(logits, labels, jnp.ones(labels.shape, bool))
+    w = valid.astype(jnp.float32)
+    return jnp.sum(err * err * w), jnp.sum(w)
+  return cross_entropy_sum(logits, labels, valid)
 
 
 def loss_for_head(head: str, logits, batch: Mapping[str, jax.Array]):

@@ -109,6 +109,7 @@ def make_train_step(model: nn.Module, head: str, schedule: optax.Schedule,
       init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
       (s, c, g), _ = jax.lax.scan(body, init, (jnp.arange(n_micro), batch))
     denom = jnp.maximum(c, 1.0)
+    before = state
     if qat_kw:   # QAT: the ranges' update (Adam on the same schedule)
       g, g_ranges = g
       state = _update_ranges(state, jax.tree.map(lambda x: x / denom, g_ranges))
@@ -118,6 +119,11 @@ def make_train_step(model: nn.Module, head: str, schedule: optax.Schedule,
     params = optax.apply_updates(state.params, updates)
     loss = s / denom
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & tree_all_finite(params)
+    if qat_kw:
+      finite = finite & tree_all_finite(state.quant)
+      quant, quant_opt = keep_if_not_finite(finite, (state.quant, state.quant_opt_state),
+                                            (before.quant, before.quant_opt_state))
+      state = state.replace(quant=quant, quant_opt_state=quant_opt)
     params, opt_state = keep_if_not_finite(finite, (params, opt_state),
                                            (state.params, state.opt_state))
     metrics = {'loss': loss, 'grad_norm': grad_norm,
@@ -135,7 +141,9 @@ def make_train_step(model: nn.Module, head: str, schedule: optax.Schedule,
     return state.replace(quant=qat.merge(state.quant, optax.apply_updates(ranges, upd)),
                          quant_opt_state=ropt)
 
-  bshard = {k: shd.batch_sharding(mesh, 3, batch_dim=1) for k in batch_keys}
+  # (A, B, T) token arrays; a classification head's labels are (A, B).
+  bshard = {k: shd.batch_sharding(mesh, 2 if (k == 'labels' and head == 'cls') else 3,
+                                  batch_dim=1) for k in batch_keys}
   rep = shd.replicated(mesh)
   return jax.jit(train_step, in_shardings=(shardings, bshard),
                  out_shardings=(shardings, rep), donate_argnums=(0,) if donate else ())

@@ -1,0 +1,1 @@
+"""GLUE fine-tuning configs: one file per task, all built by common.glue(task, ...)."""

@@ -1,0 +1,6 @@
+"""GLUE sst2: FP32 fine-tuning recipe (see configs/glue/common.py for the sources)."""
+from configs.glue import common
+
+
+def get_config():
+  return common.glue('sst2', learning_rate=2e-5, batch_size=32, num_epochs=3)  # [BERT]
