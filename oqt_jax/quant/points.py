@@ -97,6 +97,10 @@ QUANT_DEFAULTS = dict(
     dynamic=False, int8=False)
 EXTRA_DEFAULTS = dict(act_granularity='per_tensor', permute_shared_h=False, mse_search='grid',
                       num_candidates=100)
+# Quantization methods (quant/methods): which one eval.py runs, and their knobs (Outlier
+# Suppression's Token-Wise Clipping fine stage; SmoothQuant's migration strength).
+EXTRA_DEFAULTS.update(method='', twc_fine=True, twc_lr=1e-5, twc_epochs=3,
+                      smoothquant_alpha=0.5)
 
 
 def config(**overrides) -> ml_collections.ConfigDict:
@@ -271,6 +275,25 @@ def validate_quant_config(config) -> None:
     bad('int8', f'int8 matmuls need n_bits <= 8, got n_bits={_get(q, "n_bits")}')
   if _get(q, 'int8') and _get(q, 'qmethod') != 'symmetric_uniform':
     bad('int8', "int8 matmuls need symmetric weights (quant.qmethod='symmetric_uniform')")
+  _validate_methods(q, bad)
+
+
+def _validate_methods(q, bad) -> None:
+  """Fields of the quantization methods (quant/methods)."""
+  from oqt_jax.quant import methods   # the registry (imports this module)
+  if _get(q, 'method') not in methods.METHODS:
+    bad('method', f"expected '' (plain calibration) or one of {sorted(k for k in methods.METHODS if k)}")
+  if not isinstance(_get(q, 'twc_fine'), bool):
+    bad('twc_fine', 'expected True or False')
+  lr = _get(q, 'twc_lr')
+  if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+    bad('twc_lr', 'must be > 0')
+  ep = _get(q, 'twc_epochs')
+  if isinstance(ep, bool) or not isinstance(ep, int) or ep < 1:
+    bad('twc_epochs', 'must be an integer >= 1')
+  a = _get(q, 'smoothquant_alpha')
+  if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= a <= 1.0:
+    bad('smoothquant_alpha', 'must be in [0, 1]')
 
 
 # ---- resolution ------------------------------------------------------------------------------
