@@ -95,6 +95,12 @@ def quant_defaults() -> ml_collections.ConfigDict:
   # QAT (train.py --config.quant.qat=True): train the quantized model (ranges from calibration).
   q.qat = False
   q.learn_ranges = 'none'          # 'none' (frozen) | 'minmax' | 'lsq' | 'lsq+'
+  # Quantization methods (oqt_jax/quant/methods; eval.py --quantize runs quant.method).
+  q.method = ''                    # '' = plain calibration | 'outlier_suppression' | 'smoothquant' | ...
+  q.twc_fine = True                # Token-Wise Clipping: LSQ+ fine stage after the ratio search
+  q.twc_lr = 1e-5                  # its Adam learning rate (cosine schedule)
+  q.twc_epochs = 3                 # its epochs over the calibration batches
+  q.smoothquant_alpha = 0.5        # SmoothQuant migration strength
   return q
 
 

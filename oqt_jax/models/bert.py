@@ -9,6 +9,11 @@ Parameter tree (HF names in brackets, see hf.py):
   mlm_transform, mlm_ln, mlm_bias                         [cls.predictions.transform.*, cls.predictions.bias]
 Outlier statistics are sown into 'intermediates' per layer: ffn_output (before the residual),
 ffn_residual (LayerNorm input), ffn_ln_output.
+
+cfg.gamma_migrated (quant.gamma_migration / quant.smoothquant): every LayerNorm but the last
+layer's output_ln and the MLM head's is `migrated`; an embedding / layer output is then the
+pair (y', f) and the residual branch and the gate use y' * f (the Linear layers reading y' hold
+f in their kernel rows). ffn_ln_output is then the f-free y'.
 """
 from __future__ import annotations
 
@@ -19,7 +24,8 @@ import jax.numpy as jnp
 
 from oqt_jax.models.attention import MultiHeadAttention
 from oqt_jax.models.config import ModelConfig
-from oqt_jax.models.layers import Dense, Embed, LayerNorm, constrain, dtype_of, qact
+from oqt_jax.models.layers import (Dense, Embed, LayerNorm, constrain, dtype_of, ln_output, qact,
+                                   restore)
 from oqt_jax.models.outputs import ModelOutput
 
 EMBED_AXES = ('batch', 'length', 'embed')
@@ -40,9 +46,10 @@ class BertEmbeddings(nn.Module):
     x = qact(q, self, 'ewt', x, tok_mask)
     x = x + emb('position_embeddings', cfg.max_position_embeddings, 'Ep')(position_ids)
     x = constrain(qact(q, self, 'e', x, tok_mask), EMBED_AXES)
-    x = LayerNorm(point='eln', eps=cfg.layer_norm_eps, dtype=dtype, quant=q, name='LayerNorm')(
-        x, tok_mask)
-    return constrain(nn.Dropout(cfg.hidden_dropout)(x, deterministic=deterministic), EMBED_AXES)
+    x, f = ln_output(LayerNorm(point='eln', eps=cfg.layer_norm_eps, dtype=dtype, quant=q,
+                               migrated=cfg.gamma_migrated, name='LayerNorm')(x, tok_mask))
+    x = constrain(nn.Dropout(cfg.hidden_dropout)(x, deterministic=deterministic), EMBED_AXES)
+    return x if f is None else (x, f)
 
 
 class BertLayer(nn.Module):
@@ -51,16 +58,20 @@ class BertLayer(nn.Module):
   quant: Any = None
 
   @nn.compact
-  def __call__(self, x, attn_mask, tok_mask, deterministic):
+  def __call__(self, x, attn_mask, tok_mask, deterministic, x_scale=None):
+    """x: the layer input (B, T, D); x_scale: its migrated factor (gamma_migrated models)."""
     cfg, i, q = self.cfg, self.layer, self.quant
     dtype = dtype_of(cfg.dtype)
     drop = lambda t: nn.Dropout(cfg.hidden_dropout)(t, deterministic=deterministic)
-    ln = lambda point, name: LayerNorm(point=f'{point}{i}', eps=cfg.layer_norm_eps, dtype=dtype,
-                                       quant=q, name=name)
+    ln = lambda point, name, mig=cfg.gamma_migrated: LayerNorm(
+        point=f'{point}{i}', eps=cfg.layer_norm_eps, dtype=dtype, quant=q, migrated=mig,
+        name=name)
+    residual = restore(x, x_scale)
     attn = MultiHeadAttention(cfg, layer=i, quant=q, name='attention')(
-        x, x, attn_mask, tok_mask, deterministic)
-    u = constrain(qact(q, self, f'u{i}', x + drop(attn), tok_mask), EMBED_AXES)
-    x = constrain(ln('x', 'attention_ln')(u, tok_mask), EMBED_AXES)
+        x, residual, attn_mask, tok_mask, deterministic)
+    u = constrain(qact(q, self, f'u{i}', residual + drop(attn), tok_mask), EMBED_AXES)
+    x, xf = ln_output(ln('x', 'attention_ln')(u, tok_mask))
+    x = constrain(x, EMBED_AXES)
     f = Dense(cfg.intermediate_size, point=f'f{i}', activation=cfg.activation,
               kernel_axes=('embed', 'mlp'), init_std=cfg.init_std, dtype=dtype, quant=q,
               name='intermediate')(x, tok_mask)
@@ -69,11 +80,13 @@ class BertLayer(nn.Module):
               init_std=cfg.init_std, dtype=dtype, quant=q, name='output')(f, tok_mask)
     h = constrain(h, EMBED_AXES)
     self.sow('intermediates', 'ffn_output', h)
-    y = constrain(qact(q, self, f'y{i}', x + drop(h), tok_mask), EMBED_AXES)
+    y = constrain(qact(q, self, f'y{i}', restore(x, xf) + drop(h), tok_mask), EMBED_AXES)
     self.sow('intermediates', 'ffn_residual', y)
-    z = constrain(ln('z', 'output_ln')(y, tok_mask), EMBED_AXES)
+    last = i == cfg.num_layers - 1   # the last output LN keeps its gamma
+    z, zf = ln_output(ln('z', 'output_ln', cfg.gamma_migrated and not last)(y, tok_mask))
+    z = constrain(z, EMBED_AXES)
     self.sow('intermediates', 'ffn_ln_output', z)
-    return z
+    return z if zf is None else (z, zf)
 
 
 class Bert(nn.Module):
@@ -98,14 +111,14 @@ class Bert(nn.Module):
 
     word = Embed(cfg.vocab_size, cfg.hidden_size, wpoint='Et', init_std=cfg.init_std, dtype=dtype,
                  quant=q, name='word_embeddings')
-    x = BertEmbeddings(cfg, quant=q, name='embeddings')(
+    x, f = ln_output(BertEmbeddings(cfg, quant=q, name='embeddings')(
         constrain(word(input_ids), EMBED_AXES), token_type_ids, position_ids, tok_mask,
-        deterministic)
-    hidden = [x]
+        deterministic))
+    hidden = [restore(x, f)]
     for i in range(cfg.num_layers):
-      x = BertLayer(cfg, layer=i, quant=q, name=f'encoder_layer_{i}')(
-          x, attn_mask, tok_mask, deterministic)
-      hidden.append(x)
+      x, f = ln_output(BertLayer(cfg, layer=i, quant=q, name=f'encoder_layer_{i}')(
+          x, attn_mask, tok_mask, deterministic, x_scale=f))
+      hidden.append(restore(x, f))
 
     head = cfg.resolved_head
     logits, pooled = None, None

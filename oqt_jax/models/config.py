@@ -65,6 +65,9 @@ class ModelConfig:
   gate_init: float = 0.5
   fine_tuning: bool = False
   dtype: str = 'float32'
+  # Set by quant.gamma_migration / quant.smoothquant (not a training knob): the LayerNorms
+  # that feed the next layer keep a per-dim factor out of their output (LayerNorm.migrated).
+  gamma_migrated: bool = False
 
   # ---- derived -------------------------------------------------------------------
   @property

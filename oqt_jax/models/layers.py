@@ -195,11 +195,20 @@ class Embed(nn.Module):
 
 
 class LayerNorm(nn.Module):
-  """LayerNorm computed in float32; gamma ('scale') and the output are quantization points."""
+  """LayerNorm computed in float32; gamma ('scale') and the output are quantization points.
+
+  `migrated=True` (Gamma Migration / SmoothQuant, see quant/methods/outlier_suppression.py):
+  the module has one more parameter, 'migrated_scale' (D,), a per-dim factor f that was
+  divided out of this LN (scale and bias hold gamma / f and beta / f) and multiplied into the
+  rows of the Linear layers that read the output. The LN output (and its quantizer) is the
+  f-free tensor y'; the module returns (y', f) and the caller multiplies f back in where the
+  output also feeds a residual branch or a gate (`restore`). Unquantized: f is exact.
+  """
   point: str
   eps: float = 1e-12
   dtype: Dtype = jnp.float32
   quant: Any = None
+  migrated: bool = False
 
   @nn.compact
   def __call__(self, x, mask=None):
@@ -214,6 +223,22 @@ class LayerNorm(nn.Module):
     var = jnp.mean(jnp.square(xf - mu), axis=-1, keepdims=True)
     y = (xf - mu) * jax.lax.rsqrt(var + self.eps) * scale + bias
     if self.quant is None:
-      return y.astype(self.dtype)
-    y = qact(self.quant, self, self.point, y, mask)   # quantized in float32
-    return y if keeps_float32(self.quant, self.point) else y.astype(self.dtype)
+      y = y.astype(self.dtype)
+    else:
+      y = qact(self.quant, self, self.point, y, mask)   # quantized in float32
+      y = y if keeps_float32(self.quant, self.point) else y.astype(self.dtype)
+    if self.migrated:
+      f = self.param('migrated_scale', nn.with_logical_partitioning(nn.initializers.ones,
+                                                                    ('norm',)), (d,), jnp.float32)
+      return y, f
+    return y
+
+
+def ln_output(out):
+  """(y, f) of a LayerNorm call: f is None unless the LN is `migrated`."""
+  return out if isinstance(out, tuple) else (out, None)
+
+
+def restore(y, f):
+  """The LN output with its migrated factor multiplied back (y itself when f is None)."""
+  return y if f is None else y * f.astype(y.dtype)

@@ -8,6 +8,10 @@ Parameter tree (HF names in brackets, see hf.py):
   final_ln [decoder.final_layer_norm] (pre-LN models unless remove_final_layer_norm)
 Outlier statistics sown into 'intermediates' per layer: attn_output (out_proj), attn_ln_output,
 ffn_output (fc2), ffn_ln_output, layer_output; and final_ln_output on the decoder.
+
+cfg.gamma_migrated (quant.gamma_migration / quant.smoothquant): the layers' LayerNorms are
+`migrated` (pre-LN: their outputs feed only Q/K/V or fc1; post-LN: also the residual, which
+uses y' * f, as does the gate); final_ln and a post-LN model's last ffn_ln keep their gamma.
 """
 from __future__ import annotations
 
@@ -19,7 +23,8 @@ import jax.numpy as jnp
 
 from oqt_jax.models.attention import MultiHeadAttention
 from oqt_jax.models.config import ModelConfig
-from oqt_jax.models.layers import Dense, Embed, LayerNorm, constrain, dtype_of, qact
+from oqt_jax.models.layers import (Dense, Embed, LayerNorm, constrain, dtype_of, ln_output, qact,
+                                   restore)
 
 EMBED_AXES = ('batch', 'length', 'embed')
 from oqt_jax.models.outputs import ModelOutput
@@ -39,30 +44,39 @@ class OptLayer(nn.Module):
   quant: Any = None
 
   @nn.compact
-  def __call__(self, x, attn_mask, tok_mask, deterministic, decode=False, cache_index=None):
+  def __call__(self, x, attn_mask, tok_mask, deterministic, decode=False, cache_index=None,
+               x_scale=None):
+    """x: the layer input (B, T, D); x_scale: its migrated factor (post-LN gamma_migrated)."""
     cfg, i, q = self.cfg, self.layer, self.quant
     dtype = dtype_of(cfg.dtype)
     pre = cfg.do_layer_norm_before
     drop = lambda t: nn.Dropout(cfg.hidden_dropout)(t, deterministic=deterministic)
-    ln = lambda point, name: LayerNorm(point=f'{point}{i}', eps=cfg.layer_norm_eps, dtype=dtype,
-                                       quant=q, name=name)
+    ln = lambda point, name, mig=cfg.gamma_migrated: LayerNorm(
+        point=f'{point}{i}', eps=cfg.layer_norm_eps, dtype=dtype, quant=q, migrated=mig,
+        name=name)
     sow = lambda n, v: self.sow('intermediates', n, v)
 
-    residual = x
+    residual = restore(x, x_scale)
+    f = x_scale
     if pre:
-      x = constrain(ln('a', 'attention_ln')(x, tok_mask), EMBED_AXES)
+      x, f = ln_output(ln('a', 'attention_ln')(x, tok_mask))
+      x = constrain(x, EMBED_AXES)
       sow('attn_ln_output', x)
     a = MultiHeadAttention(cfg, layer=i, quant=q, name='attention')(
-        x, x, attn_mask, tok_mask, deterministic, decode=decode, cache_index=cache_index)
+        x, restore(x, f), attn_mask, tok_mask, deterministic, decode=decode,
+        cache_index=cache_index)
     sow('attn_output', a)
     x = constrain(qact(q, self, f'u{i}', residual + drop(a), tok_mask), EMBED_AXES)
+    f = None
     if not pre:
-      x = constrain(ln('a', 'attention_ln')(x, tok_mask), EMBED_AXES)
+      x, f = ln_output(ln('a', 'attention_ln')(x, tok_mask))
+      x = constrain(x, EMBED_AXES)
       sow('attn_ln_output', x)
 
-    residual = x
+    residual = restore(x, f)
     if pre:
-      x = constrain(ln('x', 'ffn_ln')(x, tok_mask), EMBED_AXES)
+      x, _ = ln_output(ln('x', 'ffn_ln')(x, tok_mask))
+      x = constrain(x, EMBED_AXES)
       sow('ffn_ln_output', x)
     f = Dense(cfg.intermediate_size, point=f'f{i}', activation=cfg.activation,
               use_bias=cfg.enable_bias, kernel_axes=('embed', 'mlp'), init_std=cfg.init_std,
@@ -74,11 +88,14 @@ class OptLayer(nn.Module):
     h = constrain(h, EMBED_AXES)
     sow('ffn_output', h)
     x = constrain(qact(q, self, f'y{i}', residual + drop(h), tok_mask), EMBED_AXES)
+    f = None
     if not pre:
-      x = constrain(ln('x', 'ffn_ln')(x, tok_mask), EMBED_AXES)
+      last = i == cfg.num_layers - 1   # the last output LN keeps its gamma
+      x, f = ln_output(ln('x', 'ffn_ln', cfg.gamma_migrated and not last)(x, tok_mask))
+      x = constrain(x, EMBED_AXES)
       sow('ffn_ln_output', x)
     sow('layer_output', x)
-    return x
+    return x if f is None else (x, f)
 
 
 class Opt(nn.Module):
@@ -135,10 +152,11 @@ class Opt(nn.Module):
                   EMBED_AXES)
 
     hidden = []
+    f = None
     for i in range(cfg.num_layers):
-      hidden.append(x)
-      x = OptLayer(cfg, layer=i, quant=q, name=f'decoder_layer_{i}')(
-          x, attn_mask, tok_mask, deterministic, decode, cache_index)
+      hidden.append(restore(x, f))
+      x, f = ln_output(OptLayer(cfg, layer=i, quant=q, name=f'decoder_layer_{i}')(
+          x, attn_mask, tok_mask, deterministic, decode, cache_index, x_scale=f))
     if cfg.do_layer_norm_before and not cfg.remove_final_layer_norm:
       x = LayerNorm(point='fln', eps=cfg.layer_norm_eps, dtype=dtype, quant=q, name='final_ln')(
           x, tok_mask)

@@ -7,17 +7,23 @@
   qmodel, qvariables = quant.adaround(model, variables, batches, qcfg)   # AdaRound weights
   out = qmodel.apply(qvariables, input_ids, attention_mask=mask)
   quant.validate_quant_config(config)      # ConfigError 'quant.<field>=...: why'
+  model, variables = quant.gamma_migration(model, variables)            # Outlier Suppression
+  qmodel, qvariables = quant.token_wise_clipping(model, variables, batches, qcfg)
+  model, variables = quant.smoothquant(model, variables, batches, alpha=0.5)
 
 Modules: quantizers (pure quantize-dequantize, STE, granularities), estimators (range
 estimators), points (point names, quant_setup / quant_dict rules, the quant config),
 hooks (QuantHooks: the models' hook protocol over the 'quant' collection), calibrate
-(calibration flow), int8 (int8 matmuls through AQT).
+(calibration flow), int8 (int8 matmuls through AQT), methods (one module per method and the
+registry eval.py dispatches on).
 """
 from oqt_jax.quant.calibrate import calibrate, model_inputs, quant_ranges
 from oqt_jax.quant.hooks import QuantHooks
 from oqt_jax.quant.points import (QUANT_SETUPS, PointSpec, Rules, config, describe,
                                   parse_quant_dict, validate_quant_config)
 from oqt_jax.quant.quantizers import quantize_dequantize, scale_zero_point
+from oqt_jax.quant.methods.outlier_suppression import gamma_migration, token_wise_clipping
+from oqt_jax.quant.methods.smoothquant import smoothquant
 
 
 from oqt_jax.quant.methods.adaround import adaround  # noqa: E402  (imports the modules above)
@@ -35,4 +41,5 @@ def rules(qcfg, model_cfg) -> Rules:
 
 __all__ = ['QUANT_SETUPS', 'PointSpec', 'QuantHooks', 'Rules', 'adaround', 'calibrate', 'config',
            'describe', 'hooks', 'model_inputs', 'parse_quant_dict', 'quant_ranges',
-           'quantize_dequantize', 'rules', 'scale_zero_point', 'validate_quant_config']
+           'quantize_dequantize', 'rules', 'scale_zero_point', 'validate_quant_config',
+           'gamma_migration', 'token_wise_clipping', 'smoothquant']

@@ -111,6 +111,10 @@ FP_ACT_BITS = 32
 def _quant_dict_field(value=''):
   """quant_dict accepts the string form (command line) and a Python dict."""
   return ml_collections.FieldReference(value, field_type=object)
+# Quantization methods (quant/methods): which one eval.py runs, and their knobs (Outlier
+# Suppression's Token-Wise Clipping fine stage; SmoothQuant's migration strength).
+EXTRA_DEFAULTS.update(method='', twc_fine=True, twc_lr=1e-5, twc_epochs=3,
+                      smoothquant_alpha=0.5)
 
 
 def config(**overrides) -> ml_collections.ConfigDict:
@@ -315,6 +319,20 @@ def _validate_methods(q, bad) -> None:
     bad('adaround_beta', 'expected (start, end) with start >= end > 0, e.g. (20, 2)')
   if _get(q, 'learn_ranges') not in LEARN_RANGES:
     bad('learn_ranges', f'expected one of {LEARN_RANGES}')
+  from oqt_jax.quant import methods   # the registry (imports this module)
+  if _get(q, 'method') not in methods.METHODS:
+    bad('method', f"expected '' (plain calibration) or one of {sorted(k for k in methods.METHODS if k)}")
+  if not isinstance(_get(q, 'twc_fine'), bool):
+    bad('twc_fine', 'expected True or False')
+  lr = _get(q, 'twc_lr')
+  if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+    bad('twc_lr', 'must be > 0')
+  ep = _get(q, 'twc_epochs')
+  if isinstance(ep, bool) or not isinstance(ep, int) or ep < 1:
+    bad('twc_epochs', 'must be an integer >= 1')
+  a = _get(q, 'smoothquant_alpha')
+  if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= a <= 1.0:
+    bad('smoothquant_alpha', 'must be in [0, 1]')
 
 
 # ---- resolution ------------------------------------------------------------------------------
