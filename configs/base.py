@@ -84,6 +84,8 @@ def quant_defaults() -> ml_collections.ConfigDict:
   q.quant_dict = ''                # e.g. "{'y': 16, 'h': 'ngp6'}"
   q.dynamic = False                # never freeze activation ranges
   q.int8 = False                   # run Linear layers as int8 matmuls (AQT)
+  q.weight_only = False            # --quantize: int8 weights (absmax per output channel), FP activations
+  q.llm_int8_threshold = 6.0       # LLM.int8(): input dims with any |x| >= this run in floating point
   return q
 
 

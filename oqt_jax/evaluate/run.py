@@ -157,6 +157,19 @@ def calibration_batches(ds, batch_size: int, num: int):
     yield from ds.eval_batches(batch_size, num)
 
 
+# ---- weight-only int8 --------------------------------------------------------------------------
+def weight_only_sizes(variables, qvars) -> dict:
+  from oqt_jax.quant import weight_int8
+  return dict(model_bytes_fp=weight_int8.param_bytes(variables),
+              model_bytes_int8=weight_int8.param_bytes(qvars))
+
+
+def weight_only_report(variables, qvars) -> str:
+  s = weight_only_sizes(variables, qvars)
+  return (f"weight-only int8: model size {s['model_bytes_fp']:,} bytes -> "
+          f"{s['model_bytes_int8']:,} bytes ({s['model_bytes_int8'] / s['model_bytes_fp']:.1%})")
+
+
 # ---- the run ---------------------------------------------------------------------------------
 def _nan_to_none(x):
   if isinstance(x, float) and not math.isfinite(x):
@@ -202,15 +215,22 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: Optional[str], *,
     qcfg = config.quant
     _info(f'calibrating on {qcfg.est_num_batches} batches (quant_setup={qcfg.quant_setup}, '
           f'quant_dict={qcfg.quant_dict!r}, int8={qcfg.int8})')
-    qmodel, qvars = quant.calibrate(
-        model, variables, calibration_batches(cal, bs, int(qcfg.est_num_batches)), qcfg,
-        progress=progress)
+    if qcfg.get('weight_only', False):   # int8 weights, FP activations: no calibration
+      qmodel, qvars = quant.weight_only(model, variables)
+      _info(weight_only_report(variables, qvars))
+    else:
+      qmodel, qvars = quant.calibrate(
+          model, variables, calibration_batches(cal, bs, int(qcfg.est_num_batches)), qcfg,
+          progress=progress)
     q, q_first = outliers.evaluate(qmodel, qvars, val.eval_batches(bs, nb), num_batches=nb,
                                    progress=progress, desc='quantized eval', keep_first=True)
     print(outliers.format_table(q, mtype))
     print(outliers.format_summary(q, prefix='quantized '))
     q = dict(q, quant_config=qcfg.to_dict(),
-             resolved_points=quant.describe(qmodel.quant.rules).split('\n'))
+             resolved_points=(quant.describe(qmodel.quant.rules).split('\n')
+                              if hasattr(qmodel.quant, 'rules') else []))
+    if qcfg.get('weight_only', False):
+      q.update(weight_only_sizes(variables, qvars))
     result['quantized'] = q
 
   os.makedirs(out_dir, exist_ok=True)
