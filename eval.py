@@ -5,6 +5,8 @@
       --config.quant.quant_setup=fp32_head --config.quant.est_num_batches=4
   python eval.py --config configs/bert_base_vanilla.py --workdir out --hf_model /path/to/hf_dir \
       --quantize --config.quant.quant_dict="{'x': 16, 'h': 16, 'y': 16}"
+  python eval.py --config configs/tiny_opt_vanilla.py --workdir runs/opt --compare \
+      --methods=fp,w8a8_minmax,llm_int8,weight_only
 
 Loads --hf_model, or the newest of WORKDIR/hf and WORKDIR/checkpoints. Prints a per-layer
 table and the summary, writes WORKDIR/eval_metrics.json, eval_per_layer.png and
@@ -29,6 +31,10 @@ flags.DEFINE_integer('num_batches', None, 'Evaluation batches (default config.nu
 flags.DEFINE_integer('batch_size', None, 'Evaluation batch size (default config.eval_batch_size).')
 flags.DEFINE_bool('plots', True, 'Write the PNG plots.')
 flags.DEFINE_bool('progress', True, 'Show a tqdm progress bar.')
+flags.DEFINE_bool('compare', False, 'Compare every quantization method on the same data: '
+                  'WORKDIR/comparison.md, .json, .png (oqt_jax/evaluate/comparison.py).')
+flags.DEFINE_string('methods', None, 'With --compare: comma-separated rows (default all; '
+                    'names in oqt_jax/quant/methods/compare.py).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -40,6 +46,12 @@ def main(argv):
   from oqt_jax.errors import CheckpointError, ConfigError, DataError
   try:
     from oqt_jax.evaluate.run import evaluate_run
+    if FLAGS.compare or FLAGS.methods:
+      from oqt_jax.evaluate.comparison import compare_run
+      compare_run(FLAGS.config, FLAGS.workdir, methods=FLAGS.methods, hf_model=FLAGS.hf_model,
+                  num_batches=FLAGS.num_batches, batch_size=FLAGS.batch_size,
+                  plots_on=FLAGS.plots, progress=FLAGS.progress)
+      return
     evaluate_run(FLAGS.config, FLAGS.workdir, quantize=FLAGS.quantize, hf_model=FLAGS.hf_model,
                  num_batches=FLAGS.num_batches, batch_size=FLAGS.batch_size,
                  plots_on=FLAGS.plots, progress=FLAGS.progress)

@@ -101,6 +101,8 @@ def quant_defaults() -> ml_collections.ConfigDict:
   q.twc_lr = 1e-5                  # its Adam learning rate (cosine schedule)
   q.twc_epochs = 3                 # its epochs over the calibration batches
   q.smoothquant_alpha = 0.5        # SmoothQuant migration strength
+  q.weight_only = False            # --quantize: int8 weights (absmax per output channel), FP activations
+  q.llm_int8_threshold = 6.0       # LLM.int8(): input dims with any |x| >= this run in floating point
   return q
 
 

@@ -299,6 +299,19 @@ def glue_report(model, variables, config, sets: dict, batch_size: int, *,
   return out
 
 
+# ---- weight-only int8 --------------------------------------------------------------------------
+def weight_only_sizes(variables, qvars) -> dict:
+  from oqt_jax.quant import weight_int8
+  return dict(model_bytes_fp=weight_int8.param_bytes(variables),
+              model_bytes_int8=weight_int8.param_bytes(qvars))
+
+
+def weight_only_report(variables, qvars) -> str:
+  s = weight_only_sizes(variables, qvars)
+  return (f"weight-only int8: model size {s['model_bytes_fp']:,} bytes -> "
+          f"{s['model_bytes_int8']:,} bytes ({s['model_bytes_int8'] / s['model_bytes_fp']:.1%})")
+
+
 # ---- the run ---------------------------------------------------------------------------------
 def _nan_to_none(x):
   if isinstance(x, float) and not math.isfinite(x):
@@ -363,7 +376,10 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: Optional[str], *,
     qcfg = config.quant
     _info(f'calibrating on {qcfg.est_num_batches} batches (quant_setup={qcfg.quant_setup}, '
           f'quant_dict={qcfg.quant_dict!r}, int8={qcfg.int8})')
-    if qcfg.get('adaround', False):   # AdaRound weights (calibration batches + samples)
+    if qcfg.get('weight_only', False):   # int8 weights, FP activations: no calibration
+      qmodel, qvars = quant.weight_only(model, variables)
+      _info(weight_only_report(variables, qvars))
+    elif qcfg.get('adaround', False):   # AdaRound weights (calibration batches + samples)
       n_cal = max(int(qcfg.est_num_batches), -(-int(qcfg.adaround_samples) // bs))
       qmodel, qvars = quant.adaround(
           model, variables, checked(calibration_batches(cal, bs, n_cal), model,
@@ -380,7 +396,10 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: Optional[str], *,
     print(outliers.format_table(q, mtype))
     print(outliers.format_summary(q, prefix='quantized '))
     q = dict(q, quant_config=qcfg.to_dict(),
-             resolved_points=quant.describe(qmodel.quant.rules).split('\n'))
+             resolved_points=(quant.describe(qmodel.quant.rules).split('\n')
+                              if hasattr(qmodel.quant, 'rules') else []))
+    if qcfg.get('weight_only', False):
+      q.update(weight_only_sizes(variables, qvars))
     if glue_sets:
       q['glue'] = glue_report(qmodel, qvars, config, glue_sets, bs, progress=progress,
                               prefix='quantized ')

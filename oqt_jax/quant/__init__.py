@@ -43,3 +43,11 @@ __all__ = ['QUANT_SETUPS', 'PointSpec', 'QuantHooks', 'Rules', 'adaround', 'cali
            'describe', 'hooks', 'model_inputs', 'parse_quant_dict', 'quant_ranges',
            'quantize_dequantize', 'rules', 'scale_zero_point', 'validate_quant_config',
            'gamma_migration', 'token_wise_clipping', 'smoothquant']
+
+# Weight quantization of the article (absmax / zero-point, weight-only int8) and LLM.int8().
+from oqt_jax.quant.weight_int8 import (absmax_dequantize, absmax_quantize, weight_only,  # noqa: E402
+                                       zeropoint_dequantize, zeropoint_quantize)
+from oqt_jax.quant.methods.llm_int8 import llm_int8, llm_int8_matmul  # noqa: E402
+
+__all__ += ['absmax_dequantize', 'absmax_quantize', 'llm_int8', 'llm_int8_matmul', 'weight_only',
+            'zeropoint_dequantize', 'zeropoint_quantize']

@@ -115,6 +115,8 @@ def _quant_dict_field(value=''):
 # Suppression's Token-Wise Clipping fine stage; SmoothQuant's migration strength).
 EXTRA_DEFAULTS.update(method='', twc_fine=True, twc_lr=1e-5, twc_epochs=3,
                       smoothquant_alpha=0.5)
+# Weight-only int8 and LLM.int8() (weight-quantization article; quant/weight_int8.py, methods/llm_int8.py).
+EXTRA_DEFAULTS.update(weight_only=False, llm_int8_threshold=6.0)
 
 
 def config(**overrides) -> ml_collections.ConfigDict:
@@ -289,6 +291,11 @@ def validate_quant_config(config) -> None:
   for f in ('per_channel', 'dynamic', 'int8', 'permute_shared_h'):
     if not isinstance(_get(q, f), bool):
       bad(f, 'expected True or False')
+  if not isinstance(_get(q, 'weight_only'), bool):
+    bad('weight_only', 'expected True or False')
+  th = _get(q, 'llm_int8_threshold')
+  if isinstance(th, bool) or not isinstance(th, (int, float)) or not th > 0:
+    bad('llm_int8_threshold', 'must be a number > 0 (inf: no outlier dims)')
   if _get(q, 'int8') and _get(q, 'n_bits') > 8:
     bad('int8', f'int8 matmuls need n_bits <= 8, got n_bits={_get(q, "n_bits")}')
   if _get(q, 'int8') and _get(q, 'qmethod') != 'symmetric_uniform':

@@ -4,6 +4,8 @@
   migration            moving a per-channel factor out of a LayerNorm (Gamma Migration, SmoothQuant)
   outlier_suppression  Gamma Migration, Token-Wise Clipping (Outlier Suppression, NeurIPS 2022)
   smoothquant          SmoothQuant's activation-to-weight scale migration
+  llm_int8             LLM.int8() (vector-wise int8 matmuls, outlier dims in FP); weight-only int8
+  compare              the method table of `eval.py --compare` (named pipelines of the above)
 
 A transform that keeps the floating-point function returns (model, variables); a method
 that quantizes returns (qmodel, qvariables) that run with `qmodel.apply` like any
@@ -79,3 +81,8 @@ def run(method: str, model, variables, batches, qcfg, progress: bool = False):
   fn = METHODS[method]
   kw = {'progress': progress} if 'progress' in inspect.signature(fn).parameters else {}
   return fn(model, variables, batches, qcfg, **kw)
+
+
+from oqt_jax.quant.methods.llm_int8 import METHODS as INT8_METHODS  # noqa: E402  'llm_int8', 'weight_only'
+
+METHODS.update(INT8_METHODS)

@@ -1,0 +1,223 @@
+"""`compare_run(config, workdir, ...)`: every quantization method on the same data, one table.
+
+  python eval.py --config C --workdir W --compare [--methods fp,w8a8_minmax,llm_int8]
+
+The model is loaded and the data built as for `evaluate_run` (run.py); the calibration
+batches (quant.est_num_batches training batches) and the evaluation batches are drawn once
+and shared by every row. Each row (oqt_jax/quant/methods/compare.py) builds its quantized
+model, timed ('calib s': wall seconds of the method's calibration / transform, compilation
+included), then is measured by the same evaluator as eval.py (outliers.evaluate: perplexity
+and inf norms; for a classification model the GLUE metric of evaluate/glue.py on a GLUE
+config, else accuracy). A row that fails records its error and the others still run.
+
+Columns: metric (perplexity for MLM / CLM, lower is better; GLUE metric or accuracy for
+classification), delta to FP, max inf norm (the paper's tensor: BERT FFN output, OPT layer
+output; of the quantized model), model bytes (compare.model_bytes), calib seconds.
+Written to OUT/comparison.md, comparison.json and comparison.png (bar plot of the metric).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from typing import Any, Optional
+
+import jax
+import numpy as np
+
+from oqt_jax.evaluate import outliers
+from oqt_jax.evaluate import run as run_lib
+
+MD_FILE = 'comparison.md'
+JSON_FILE = 'comparison.json'
+PNG_FILE = 'comparison.png'
+
+
+def _info(msg: str):
+  print(msg, file=sys.stderr, flush=True)
+
+
+def _error_text(e: BaseException) -> str:
+  msg = ' '.join(str(e).split())
+  return f'{type(e).__name__}: {msg}'[:300]
+
+
+def _accuracy(model, variables, batches) -> float:
+  """Fraction of labelled rows (label != -100) whose argmax logit is the label."""
+  from oqt_jax.quant.calibrate import model_inputs, strip
+  fn = jax.jit(lambda v, inputs: model.apply(v, **inputs).logits)
+  v = strip(variables)
+  hit = n = 0
+  for b in batches:
+    logits = np.asarray(fn(v, model_inputs(model, b)))
+    labels = np.asarray(b['labels']).reshape(-1)
+    keep = labels != -100
+    hit += int(np.sum(logits.argmax(-1)[keep] == labels[keep]))
+    n += int(np.sum(keep))
+  return hit / n if n else float('nan')
+
+
+def metric_of(config, model, qmodel, qvars, batches, metrics: dict) -> tuple[str, float]:
+  """(metric name, value) of a row."""
+  head = model.cfg.resolved_head
+  if head in ('mlm', 'clm'):
+    return 'perplexity', metrics.get('perplexity')
+  if head == 'cls':
+    if config.data.get('source', '') == 'glue':
+      try:
+        from oqt_jax.evaluate import glue
+      except ImportError:
+        glue = None
+      if glue is not None:
+        m = glue.evaluate_glue(qmodel, qvars, config, batches)
+        return f'GLUE {config.data.glue_task} {m.get("metric_name", "score")}', m['metric']
+    return 'accuracy', _accuracy(qmodel, qvars, batches)
+  return 'loss', metrics.get('loss')
+
+
+def _fmt(v, spec='.4f') -> str:
+  if v is None or (isinstance(v, float) and not math.isfinite(v)):
+    return 'n/a' if v is None else str(v)
+  return format(v, spec)
+
+
+def format_markdown(report: dict) -> str:
+  mname = report['metric']
+  lines = [f'| method | {mname} | delta to FP | max inf norm | model bytes | calib s |',
+           '|---|---:|---:|---:|---:|---:|']
+  for r in report['rows']:
+    if r.get('error'):
+      lines.append(f'| {r["label"]} ({r["name"]}) | error: {r["error"]} | | | | |')
+      continue
+    lines.append(f'| {r["label"]} ({r["name"]}) | {_fmt(r["metric"])} | '
+                 f'{_fmt(r["delta"], "+.4f")} | {_fmt(r["max_inf_norm"], ".2f")} | '
+                 f'{r["model_bytes"]:,} | {_fmt(r["calib_seconds"], ".1f")} |')
+  return '\n'.join(lines)
+
+
+def bar_plot(report: dict, path: str) -> str:
+  from oqt_jax.evaluate.plots import _plt
+  plt = _plt()
+  rows = [r for r in report['rows'] if not r.get('error') and r.get('metric') is not None
+          and math.isfinite(r['metric'])]
+  fig, ax = plt.subplots(figsize=(max(6.0, 0.7 * len(rows) + 2), 4.5))
+  names = [r['name'] for r in rows]
+  vals = [r['metric'] for r in rows]
+  colors = ['tab:gray' if n == 'fp' else 'tab:blue' for n in names]
+  ax.bar(range(len(rows)), vals, color=colors)
+  ax.set_xticks(range(len(rows)))
+  ax.set_xticklabels(names, rotation=35, ha='right', fontsize=8)
+  fp = next((r['metric'] for r in rows if r['name'] == 'fp'), None)
+  if fp is not None:
+    ax.axhline(fp, color='tab:gray', ls='--', lw=1, label='FP')
+    ax.legend(fontsize=8)
+  if report['metric'] == 'perplexity' and vals and max(vals) > 10 * max(min(vals), 1e-9):
+    ax.set_yscale('log')
+  ax.set_ylabel(report['metric'])
+  failed = [r['name'] for r in report['rows'] if r.get('error')]
+  title = f'{report["model_type"]}: {report["metric"]} per method'
+  if failed:
+    title += f'\n(failed: {", ".join(failed)})'
+  ax.set_title(title, fontsize=9)
+  ax.grid(axis='y', alpha=0.3)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+def compare_run(config, workdir: Optional[str], *, hf_model: Optional[str] = None,
+                methods=None, num_batches: Optional[int] = None,
+                batch_size: Optional[int] = None, out_dir: Optional[str] = None,
+                plots_on: bool = True, progress: bool = True) -> dict[str, Any]:
+  """Runs the rows `methods` ('a,b,c', a list, or None: all) and writes the comparison."""
+  from oqt_jax import quant
+  from oqt_jax.errors import ConfigError
+  from oqt_jax.quant.methods import compare, llm_int8
+  names = compare.parse_methods(methods)
+  quant.validate_quant_config(config)
+  out_dir = out_dir or workdir
+  if not out_dir:
+    raise ConfigError('--workdir: needed to write comparison.md (or give out_dir)')
+  model, variables, source = run_lib.load_model(config, workdir, hf_model)
+  config = run_lib.sync_config(config, model, source)
+  mtype = model.cfg.model_type
+  bs = int(batch_size or config.get('eval_batch_size', 32))
+  nb = int(num_batches or config.get('num_eval_batches', 50))
+  val, cal = run_lib.datasets(config, workdir, calib=True)
+  nb = min(nb, val.num_eval_batches(bs)) if hasattr(val, 'num_eval_batches') else nb
+  eval_batches = list(val.eval_batches(bs, nb))
+  n_cal = int(config.quant.est_num_batches)
+  cal_batches = list(run_lib.calibration_batches(cal, bs, n_cal))
+  _info(f'comparing {len(names)} methods on {mtype} ({model.cfg.resolved_head}) from {source}: '
+        f'{len(cal_batches)} calibration and {len(eval_batches)} evaluation batches of {bs}')
+
+  rows = []
+  fp_metric = None
+  metric_name = None
+  it = names
+  if progress:
+    from tqdm.auto import tqdm
+    it = tqdm(names, desc='methods', unit='method')
+  for name in it:
+    row: dict[str, Any] = dict(name=name, label=compare.LABELS[name])
+    try:
+      t0 = time.perf_counter()
+      qmodel, qvars, info = compare.run_method(name, model, variables, cal_batches,
+                                               config.quant)
+      jax.block_until_ready(jax.tree_util.tree_leaves(qvars))
+      row['calib_seconds'] = time.perf_counter() - t0
+      row['label'] = info.get('label', row['label'])
+      m = outliers.evaluate(qmodel, qvars, iter(eval_batches), num_batches=len(eval_batches),
+                            desc=name)
+      mname, value = metric_of(config, model, qmodel, qvars, eval_batches, m)
+      metric_name = metric_name or mname
+      row.update(metric=value, perplexity=m.get('perplexity'), loss=m.get('loss'),
+                 max_inf_norm=m['max_inf_norm'], max_inf_norm_any=m['max_inf_norm_any'],
+                 avg_kurtosis=m['avg_kurtosis'],
+                 model_bytes=compare.model_bytes(name, model, variables, qmodel, qvars, info,
+                                                 config.quant))
+      if 'peg_groups' in info:
+        row['peg_groups'] = info['peg_groups']
+      if name == 'llm_int8':
+        fr = llm_int8.outlier_fractions(qmodel, qvars, eval_batches)
+        row['threshold'] = info['threshold']
+        row['outlier_fraction_per_layer'] = fr
+        row['outlier_fraction_mean'] = float(np.mean(list(fr.values()))) if fr else 0.0
+        _info(llm_int8.format_fractions(fr))
+      if name == 'fp':
+        fp_metric = value
+    except Exception as e:   # a failing method fails its row only
+      row['error'] = _error_text(e)
+      _info(f'{name}: {row["error"]}')
+      if os.environ.get('OQT_COMPARE_TRACEBACK'):
+        traceback.print_exc()
+    rows.append(row)
+  for r in rows:
+    if not r.get('error'):
+      r['delta'] = (r['metric'] - fp_metric if fp_metric is not None and r['metric'] is not None
+                    else None)
+  report = dict(model_path=source, model_type=mtype, head=model.cfg.resolved_head,
+                metric=metric_name or 'perplexity', num_eval_batches=len(eval_batches),
+                num_calibration_batches=len(cal_batches), batch_size=bs,
+                quant_config=config.quant.to_dict(), rows=rows)
+  table = format_markdown(report)
+  print(table)
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, MD_FILE), 'w') as fh:
+    fh.write(f'# Quantization methods on {source}\n\n{table}\n\n'
+             f'{len(cal_batches)} calibration and {len(eval_batches)} evaluation batches of '
+             f'{bs}; metric: {report["metric"]}; model bytes: weights at the method\'s bit '
+             'width plus float32 scales, other parameters as stored.\n')
+  with open(os.path.join(out_dir, JSON_FILE), 'w') as fh:
+    json.dump(run_lib._nan_to_none(report), fh, indent=1, sort_keys=True)
+  files = [os.path.join(out_dir, MD_FILE), os.path.join(out_dir, JSON_FILE)]
+  if plots_on:
+    files.append(bar_plot(report, os.path.join(out_dir, PNG_FILE)))
+  report['files'] = files
+  _info('wrote ' + ', '.join(files))
+  return report
