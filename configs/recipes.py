@@ -1,7 +1,10 @@
 """The paper's recipes (REFERENCE §1) as functions over configs.base; experiment files compose them.
 
-Model families:  bert_base, opt_125m, opt_350m, opt_1_3b, and `tiny` (CPU-sized, same recipe).
-Attention variants: vanilla, clipped_softmax, gated_attention (the per-model paper settings).
+Model families:  bert_base, opt_125m, opt_350m, opt_1_3b, and `tiny` (CPU-sized, same recipe);
+`bigram_backcopy`: a CPU-sized OPT on the synthetic Bigram-Backcopy task, where vanilla
+attention grows no-op heads and outliers (experiments/reproduce.py).
+Attention variants: vanilla, clipped_softmax, gated_attention (the per-model paper settings);
+beyond the paper: softmax1, sink, elementwise_gate.
 """
 from configs import base
 
@@ -113,5 +116,44 @@ def tiny(c):
   c.global_batch_size = -1
   c.num_eval_batches = 8
   c.checkpoint_every_steps, c.eval_every_steps, c.log_every_steps = 200, 200, 20
+  c.quant.est_num_batches = 4
+  return c
+
+
+def softmax1(c):
+  c.model.softmax, c.model.gate = 'softmax1', 'none'
+  return c
+
+
+def sink(c):
+  c.model.softmax, c.model.gate = 'sink', 'none'
+  return c
+
+
+def elementwise_gate(c):
+  c.model.softmax, c.model.gate = 'vanilla', 'elementwise'
+  return c
+
+
+def bigram_backcopy(c):
+  """A pre-LN OPT small enough for 2 CPU cores on the synthetic Bigram-Backcopy task.
+
+  The OPT recipe (ReLU, AdamW betas (0.9, 0.95), torch_default attention init, W8A8 with
+  fp32_head and running percentiles), shrunk; see experiments/reproduce.py for how the
+  setting was found.
+  """
+  m = c.model
+  m.hidden_size, m.num_layers, m.num_heads, m.intermediate_size = 64, 2, 4, 256
+  m.max_position_embeddings, m.word_embed_proj_dim, m.do_layer_norm_before = 64, -1, True
+  m.init_std, m.hidden_dropout, m.attention_dropout = 0.02, 0.0, 0.0
+  m.softmax_T = 64
+  c.data.source, c.data.tokenizer = 'synthetic', ''
+  c.data.synthetic.seq_length = 64
+  c.num_train_steps, c.warmup_steps, c.learning_rate, c.lr_schedule = 2000, 100, 1e-3, 'constant'
+  c.per_device_batch_size, c.gradient_accumulation_steps, c.eval_batch_size = 32, 1, 64
+  c.global_batch_size = 32
+  c.weight_decay, c.decay_layer_norm = 0.0, False
+  c.num_eval_batches = 4
+  c.checkpoint_every_steps, c.eval_every_steps, c.log_every_steps = 1000, 500, 50
   c.quant.est_num_batches = 4
   return c
