@@ -32,16 +32,21 @@ def model_defaults() -> ml_collections.ConfigDict:
   m.remove_final_layer_norm = False
   m.enable_bias = True
   # Attention variants (outlier-free-transformers).
-  m.softmax = 'vanilla'            # 'vanilla' | 'clipped(GAMMA:ZETA)'
+  m.softmax = 'vanilla'            # 'vanilla' | 'clipped(GAMMA:ZETA)' | 'softmax1' | 'sink'
   m.alpha = -1.0                   # > 0: gamma = -alpha / softmax_T (overrides the gamma of `softmax`)
   m.softmax_T = 128                # fixed constant T of the alpha form (BERT: max_seq_length, OPT: block_size)
-  m.gate = 'none'                  # none | unconditional_per_head | conditional_per_head | conditional_per_token
+  m.gate = 'none'                  # none | unconditional_per_head | conditional_per_head | conditional_per_token | elementwise
   m.gate_mlp = False
   m.gate_linear_all_features = False
   m.gate_init = 0.5
   m.fine_tuning = False
   # Numerics.
   m.dtype = 'float32'              # compute dtype: 'float32' | 'bfloat16'
+  # 'torch_default': attention (BERT q/k/v, OPT q/k/v/out_proj) and gate Linears start as
+  # PyTorch's nn.Linear, U(+-1/sqrt(fan_in)) (the originals; configs/recipes.py sets it);
+  # 'normal': N(0, init_std) weights, zero biases (HF's init).
+  m.attention_init = 'normal'
+  m.gate_mlp2 = False              # per-head gate Linear(d_head, d_head) -> ReLU -> Linear(d_head, 1)
   return m
 
 
@@ -61,6 +66,11 @@ def data_defaults() -> ml_collections.ConfigDict:
   d.validation_split_percentage = 5
   d.cache_dir = ''
   d.num_workers = 1
+  # source='synthetic': the Bigram-Backcopy task (oqt_jax/data/synthetic.py), where small
+  # models grow attention sinks / no-op heads (Guo et al., ICLR 2025).
+  d.synthetic = ml_collections.ConfigDict(dict(
+      vocab=64, seq_length=128, num_triggers=3, branching=4, trigger_prob=0.1, seed=0,
+      num_eval_examples=1024))
   return d
 
 

@@ -1,4 +1,5 @@
-"""OPT-1.3B, gated attention: conditional_per_token over all features (paper Table 2)."""
+"""OPT-1.3B (pre-LN, project_in/out 768 <-> 2048), gated attention: conditional_per_token
+over all features (paper Table 2)."""
 from configs import recipes
 
 

@@ -1,4 +1,4 @@
-"""OPT-1.3B, vanilla softmax (paper Table 2)."""
+"""OPT-1.3B (pre-LN, project_in/out 768 <-> 2048), vanilla softmax (paper Table 2)."""
 from configs import recipes
 
 

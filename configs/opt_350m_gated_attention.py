@@ -1,4 +1,5 @@
-"""OPT-350m, gated attention: conditional_per_token, gate_init 0.25 (paper Table 2)."""
+"""OPT-350m (pre-LN, project_in/out 768 <-> 1024), gated attention: conditional_per_token,
+gate_init 0.25 (paper Table 2)."""
 from configs import recipes
 
 

@@ -1,4 +1,4 @@
-"""OPT-350m, vanilla softmax (paper Table 2)."""
+"""OPT-350m (pre-LN, project_in/out 768 <-> 1024), vanilla softmax (paper Table 2)."""
 from configs import recipes
 
 

@@ -29,7 +29,7 @@ def test_parse_softmax(spec, expect):
 
 @pytest.mark.parametrize('spec,msg', [('clipped(0.1:1)', 'gamma must be <= 0'),
                                       ('clipped(-.1:0.9)', 'zeta must be >= 1'),
-                                      ('softmax1', "expected 'vanilla'")])
+                                      ('softmax2', "expected 'vanilla'")])
 def test_bad_softmax_names_field(spec, msg):
   with pytest.raises(ConfigError, match=rf'^model\.softmax=.*{msg}'):
     parse_softmax(spec)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numbers
 
-from oqt_jax.data import glue, lm, sources
+from oqt_jax.data import glue, lm, sources, synthetic
 from oqt_jax.errors import ConfigError, DataError
 
 MIN_TRAINED_VOCAB = 512  # byte-level BPE needs 256 bytes + specials; BERT's BPE an alphabet
@@ -59,7 +59,15 @@ def validate_data_config(config) -> None:
   _int(d, 'num_workers', 1, 1)
   field = seq_len_field(config)
   max_pos = model.get('max_position_embeddings', None)
-  if max_pos is not None and d.get(field) > max_pos:
+  if source == 'synthetic':
+    if kind != 'clm':
+      raise ConfigError("data.source='synthetic': a causal-LM task; needs model.model_type="
+                        "'opt' (or model.head='clm')")
+    n = synthetic.task_params(d)['seq_length']
+    if max_pos is not None and n > max_pos:
+      raise ConfigError(f'data.synthetic.seq_length={n}: longer than '
+                        f'model.max_position_embeddings={max_pos}')
+  elif max_pos is not None and d.get(field) > max_pos:
     raise ConfigError(f'data.{field}={d.get(field)}: longer than '
                       f'model.max_position_embeddings={max_pos}')
   p = d.get('mlm_probability', 0.15)
@@ -101,6 +109,10 @@ def build_dataset(config, tok, split: str, workdir: str | None = None):
   d = config.data
   if d.get('source', 'embedded') == 'glue':
     ds = glue.build_glue_dataset(config, tok, split, workdir)
+  elif d.get('source', 'embedded') == 'synthetic':
+    if split not in sources.SPLITS:
+      raise ValueError(f"split={split!r}: expected 'train' or 'validation'")
+    ds = synthetic.SyntheticDataset(d, seed=config.get('seed', 0), tokenizer=tok)
   else:
     if split not in sources.SPLITS:
       raise ValueError(f"split={split!r}: expected 'train' or 'validation'")

@@ -30,7 +30,7 @@ from typing import Any, Iterable, Iterator, Sequence
 from oqt_jax.errors import ConfigError, DataError
 
 SOURCES = ('embedded', 'bookcorpus_and_wiki', 'wikitext-103', 'wikitext-2', 'hub', 'files',
-           'glue')
+           'glue', 'synthetic')   # synthetic: token sequences, no text (see synthetic.py)
 LOCAL_SOURCES = ('embedded', 'files')
 SPLITS = ('train', 'validation')
 
@@ -315,6 +315,9 @@ def load_texts(data_config, split: str):
                else read_text_files(val_spec, 'data.validation_files'))
     else:
       texts = split_documents(read_text_files(spec), pct, split)
+  elif source == 'synthetic':
+    raise ConfigError("data.source='synthetic': generates token ids (oqt_jax/data/synthetic.py), "
+                      'it has no texts')
   elif source == 'glue':
     from oqt_jax.data import glue  # pylint: disable=import-outside-toplevel
     texts = glue.glue_sentences(data_config, split)

@@ -161,6 +161,9 @@ def get_tokenizer(config, workdir: str | None = None):
   pipeline.validate_data_config(config)
   d = config.data
   name = d.get('tokenizer', '')
+  if not name and d.get('source', 'embedded') == 'synthetic':
+    from oqt_jax.data import synthetic  # pylint: disable=import-outside-toplevel
+    return synthetic.build_tokenizer(d)
   if name:
     return _load_dir(os.path.expanduser(name), 'data.tokenizer', d.get('cache_dir', ''))
 

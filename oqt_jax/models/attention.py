@@ -13,6 +13,15 @@ Conditional gates' last bias starts at logit(gate_init); in fine-tuning mode the
 scaled by 1/gate_init and its weights start near zero, so a pretrained model's function is
 preserved at the start (the original scales only the conditional gates; so does this).
 Gate parameters are never quantized.
+
+Beyond the paper (`softmax` / `gate` values proposed later for the same problem):
+  softmax1     exp(x_i) / (1 + sum_j exp(x_j))  ("off by one": a head may put ~0 weight)
+  sink         exp(x_i) / (exp(s_h) + sum_j exp(x_j)), s_h a learned logit per head (init 0)
+  gate='elementwise'  context (B, T, H*d_head) * sigmoid(x W_g + b_g), W_g (d_model, H*d_head)
+  gate_mlp2    per-head Linear(d, d) -> ReLU -> Linear(d, 1) (the original's second MLP gate)
+attention_init='torch_default': Q/K/V (and OPT's out_proj) and the gate Linears start as
+PyTorch's nn.Linear: weight and bias U(-1/sqrt(fan_in), 1/sqrt(fan_in)), as the originals'
+swapped-in attention modules; 'normal': N(0, init_std) weights, zero biases.
 """
 from __future__ import annotations
 
@@ -37,6 +46,27 @@ def clipped_softmax(x, gamma: float = 0.0, zeta: float = 1.0, axis: int = -1):
   return jnp.clip((zeta - gamma) * p + gamma, 0.0, 1.0)
 
 
+def sink_softmax(x, sink_logit=0.0, axis: int = -1):
+  """exp(x_i) / (exp(s) + sum_j exp(x_j)), stably: m = max(max_j x_j, s),
+  exp(x_i - m) / (exp(s - m) + sum_j exp(x_j - m)). s = 0 is softmax1 ("off by one");
+  `sink_logit` broadcasts against x with `axis` reduced (keepdims)."""
+  x = x.astype(jnp.float32)
+  s = jnp.asarray(sink_logit, jnp.float32)
+  m = jnp.maximum(jnp.max(x, axis=axis, keepdims=True), s)
+  m = jax.lax.stop_gradient(m)
+  e = jnp.exp(x - m)
+  return e / (jnp.exp(s - m) + jnp.sum(e, axis=axis, keepdims=True))
+
+
+def torch_linear_init(fan_in: int):
+  """PyTorch nn.Linear's default init for weight and bias: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  bound = 1.0 / float(fan_in) ** 0.5
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
 def split_heads(x, num_heads):
   """(B, T, H*d) -> (B, H, T, d)."""
   b, t, _ = x.shape
@@ -50,15 +80,25 @@ def merge_heads(x):
 
 
 class AttentionGate(nn.Module):
-  """Computes the gate pi for the configured gate type; returns (B|1, H, T|1, 1)."""
+  """Computes the gate pi for the configured gate type; returns (B|1, H, T|1, 1), or
+  (B, T, H*d_head) for gate='elementwise'."""
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, x):
     cfg = self.cfg
     h, d = cfg.num_heads, cfg.head_dim
-    # Weights near zero in fine-tuning mode (BERT 0.01, OPT 0.001); else the model's init.
+    torch_init = cfg.attention_init == 'torch_default'
+    # Weights near zero in fine-tuning mode (BERT 0.01, OPT 0.001); else the model's init
+    # (normal(init_std), or PyTorch's Linear default U(+-1/sqrt(fan_in)) with torch_default).
     w_std = (0.01 if cfg.model_type == 'bert' else 0.001) if cfg.fine_tuning else cfg.init_std
+
+    def w_init(fan_in):
+      return torch_linear_init(fan_in) if torch_init and not cfg.fine_tuning else normal_init(w_std)
+
+    def b_init(fan_in):   # hidden biases (the last bias is logit(gate_init))
+      return torch_linear_init(fan_in) if torch_init else nn.initializers.zeros
+
     bias0 = nn.initializers.constant(cfg.gate_bias_init)
     part = lambda init, axes: nn.with_logical_partitioning(init, axes)
     if cfg.gate == 'unconditional_per_head':
@@ -66,26 +106,30 @@ class AttentionGate(nn.Module):
       return jax.nn.sigmoid(a)[None, :, None, None]
 
     xf = x.astype(jnp.float32)
+    if cfg.gate == 'elementwise':     # sigmoid(x W_g + b_g), W_g (d_model, H*d_head)
+      dm = x.shape[-1]
+      w = self.param('kernel', part(w_init(dm), ('embed', 'heads')), (dm, h * d), jnp.float32)
+      b = self.param('bias', part(bias0, ('heads',)), (h * d,), jnp.float32)
+      pi = jax.nn.sigmoid(jnp.einsum('btd,de->bte', xf, w) + b)
+      return pi / cfg.gate_init if cfg.fine_tuning else pi
     if cfg.gate_linear_all_features:
-      w = self.param('kernel', part(normal_init(w_std), ('embed', 'gate')),
+      w = self.param('kernel', part(w_init(x.shape[-1]), ('embed', 'gate')),
                      (x.shape[-1], h), jnp.float32)
       b = self.param('bias', part(bias0, ('gate',)), (h,), jnp.float32)
       logits = (jnp.einsum('btd,dh->bht', xf, w) + b[None, :, None])[..., None]
     else:
       xh = xf.reshape(xf.shape[0], xf.shape[1], h, d)   # (B, T, H, d)
-      if cfg.gate_mlp:
-        d4 = d // 4
-        w1 = self.param('kernel1', part(normal_init(w_std), ('gate', None, None)), (h, d, d4),
+      if cfg.gate_mlp or cfg.gate_mlp2:
+        d4 = d if cfg.gate_mlp2 else d // 4
+        w1 = self.param('kernel1', part(w_init(d), ('gate', None, None)), (h, d, d4),
                         jnp.float32)
-        b1 = self.param('bias1', part(nn.initializers.zeros, ('gate', None)), (h, d4),
-                        jnp.float32)
-        w2 = self.param('kernel2', part(normal_init(w_std), ('gate', None)), (h, d4),
-                        jnp.float32)
+        b1 = self.param('bias1', part(b_init(d), ('gate', None)), (h, d4), jnp.float32)
+        w2 = self.param('kernel2', part(w_init(d4), ('gate', None)), (h, d4), jnp.float32)
         b2 = self.param('bias2', part(bias0, ('gate',)), (h,), jnp.float32)
         hid = jax.nn.relu(jnp.einsum('bthd,hde->bhte', xh, w1) + b1[None, :, None, :])
         logits = jnp.einsum('bhte,he->bht', hid, w2) + b2[None, :, None]
       else:
-        w = self.param('kernel', part(normal_init(w_std), ('gate', None)), (h, d), jnp.float32)
+        w = self.param('kernel', part(w_init(d), ('gate', None)), (h, d), jnp.float32)
         b = self.param('bias', part(bias0, ('gate',)), (h,), jnp.float32)
         logits = jnp.einsum('bthd,hd->bht', xh, w) + b[None, :, None]
       logits = logits[..., None]                          # (B, H, T, 1)
@@ -123,9 +167,15 @@ class MultiHeadAttention(nn.Module):
                decode=False, cache_index=None):
     cfg, i, q = self.cfg, self.layer, self.quant
     dtype = dtype_of(cfg.dtype)
+    # attention_init='torch_default': the Linears the originals swap in (BERT q/k/v; OPT
+    # q/k/v/out_proj) start as PyTorch's nn.Linear default.
+    torch_init = lambda name: cfg.attention_init == 'torch_default' and (
+        name != 'out' or cfg.model_type == 'opt')
+    tinit = lambda name, fan_in: torch_linear_init(fan_in) if torch_init(name) else None
     dense = lambda name, point, axes: Dense(
         cfg.hidden_size, point=f'{point}{i}', use_bias=cfg.enable_bias, kernel_axes=axes,
-        init_std=cfg.init_std, dtype=dtype, quant=q, name=name)
+        init_std=cfg.init_std, dtype=dtype, quant=q, name=name,
+        kernel_init=tinit(name, cfg.hidden_size), bias_init=tinit(name, cfg.hidden_size))
     proj = lambda name, point: constrain(
         split_heads(dense(name, point, ('embed', 'heads'))(x, tok_mask), cfg.num_heads),
         HEAD_AXES)
@@ -139,8 +189,18 @@ class MultiHeadAttention(nn.Module):
     scores = constrain(scores, SCORE_AXES)
     scores = qact(q, self, f's{i}', scores, tok_mask)
     scores = jnp.where(attn_mask, scores, jnp.finfo(jnp.float32).min)
-    gamma, zeta = cfg.clip_gamma_zeta
-    probs = constrain(clipped_softmax(scores, gamma, zeta), SCORE_AXES)
+    softmax = str(cfg.softmax).strip()
+    if softmax == 'softmax1':
+      probs = sink_softmax(scores, 0.0)
+    elif softmax == 'sink':
+      sink = self.param('sink', nn.with_logical_partitioning(nn.initializers.zeros, ('heads',)),
+                        (cfg.num_heads,), jnp.float32)
+      probs = sink_softmax(scores, sink[None, :, None, None])
+    else:
+      gamma, zeta = cfg.clip_gamma_zeta
+      probs = clipped_softmax(scores, gamma, zeta)
+    probs = constrain(probs, SCORE_AXES)
+    self.sow('attention', 'probs', probs)   # only kept when 'attention' is mutable
     probs = qact(q, self, f'p{i}', probs, tok_mask)
     probs = nn.Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
     context = constrain(jnp.einsum('bhqk,bhkd->bhqd', probs.astype(value.dtype), value,
@@ -155,6 +215,8 @@ class MultiHeadAttention(nn.Module):
     if cfg.gate != 'none':
       pi = AttentionGate(cfg, name='gate')(gate_input)
       self.sow('intermediates', 'gate_probs', pi)
+      if cfg.gate == 'elementwise':            # (B, T, H*d) -> (B, H, T, d)
+        pi = split_heads(pi, cfg.num_heads)
       context = constrain(context * pi.astype(context.dtype), HEAD_AXES)
     context = merge_heads(context)
     if not c_before_gate:

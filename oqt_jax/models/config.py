@@ -10,7 +10,10 @@ from oqt_jax.errors import ConfigError
 
 SOFTMAX_RE = re.compile(r'^clipped\(\s*([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?\d+)?)\s*:\s*'
                         r'([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?\d+)?)\s*\)$')
-GATES = ('none', 'unconditional_per_head', 'conditional_per_head', 'conditional_per_token')
+GATES = ('none', 'unconditional_per_head', 'conditional_per_head', 'conditional_per_token',
+         'elementwise')
+SINK_SOFTMAXES = ('softmax1', 'sink')   # beyond the paper: a softmax with room for "nothing"
+ATTENTION_INITS = ('normal', 'torch_default')
 ACTIVATIONS = ('gelu', 'gelu_new', 'relu')
 HEADS = ('auto', 'mlm', 'clm', 'cls', 'none')
 DTYPES = ('float32', 'bfloat16', 'float16')
@@ -19,12 +22,12 @@ DTYPES = ('float32', 'bfloat16', 'float16')
 def parse_softmax(spec: str, field: str = 'model.softmax') -> tuple[float, float]:
   """'vanilla' -> (0, 1); 'clipped(GAMMA:ZETA)' -> (gamma, zeta)."""
   s = str(spec).strip()
-  if s == 'vanilla':
+  if s == 'vanilla' or s in SINK_SOFTMAXES:
     return 0.0, 1.0
   m = SOFTMAX_RE.match(s)
   if not m:
-    raise ConfigError(f"{field}={spec!r}: expected 'vanilla' or 'clipped(GAMMA:ZETA)', "
-                      "e.g. 'clipped(-.025:1)'")
+    raise ConfigError(f"{field}={spec!r}: expected 'vanilla', 'clipped(GAMMA:ZETA)' "
+                      "(e.g. 'clipped(-.025:1)'), 'softmax1' or 'sink'")
   gamma, zeta = float(m.group(1)), float(m.group(2))
   if gamma > 0:
     raise ConfigError(f'{field}={spec!r}: gamma must be <= 0, got {gamma}')
@@ -65,6 +68,8 @@ class ModelConfig:
   gate_init: float = 0.5
   fine_tuning: bool = False
   dtype: str = 'float32'
+  attention_init: str = 'normal'
+  gate_mlp2: bool = False
   # Set by quant.gamma_migration / quant.smoothquant (not a training knob): the LayerNorms
   # that feed the next layer keep a per-dim factor out of their output (LayerNorm.migrated).
   gamma_migrated: bool = False
@@ -126,8 +131,16 @@ class ModelConfig:
       bad('gate_init', 'must be in (0, 1)')
     if self.gate_mlp and self.gate_linear_all_features:
       bad('gate_mlp', 'gate_mlp and gate_linear_all_features are exclusive')
-    if (self.gate_mlp or self.gate_linear_all_features) and not self.gate.startswith('conditional'):
-      bad('gate', 'gate_mlp / gate_linear_all_features need a conditional_* gate')
+    if self.gate_mlp2 and (self.gate_mlp or self.gate_linear_all_features):
+      bad('gate_mlp2', 'gate_mlp2, gate_mlp and gate_linear_all_features are exclusive')
+    if ((self.gate_mlp or self.gate_mlp2 or self.gate_linear_all_features)
+        and not self.gate.startswith('conditional')):
+      bad('gate', 'gate_mlp / gate_mlp2 / gate_linear_all_features need a conditional_* gate')
+    if self.attention_init not in ATTENTION_INITS:
+      bad('attention_init', f'expected one of {ATTENTION_INITS}')
+    if str(self.softmax).strip() in SINK_SOFTMAXES and self.alpha is not None and self.alpha > 0:
+      bad('alpha', f'the alpha form sets a clipped softmax; model.softmax={self.softmax!r} '
+          'has no gamma (set alpha=-1)')
     if self.gate_mlp and self.head_dim < 4:
       bad('gate_mlp', f'needs head_dim >= 4, got {self.head_dim}')
     if self.num_labels <= 0:

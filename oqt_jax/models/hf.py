@@ -33,7 +33,7 @@ from oqt_jax.models.opt import POSITION_OFFSET, Opt
 log = logging.getLogger(__name__)
 
 VARIANT_FIELDS = ('softmax', 'alpha', 'softmax_T', 'gate', 'gate_mlp', 'gate_linear_all_features',
-                  'gate_init', 'fine_tuning')
+                  'gate_init', 'fine_tuning', 'gate_mlp2')
 ARCH_HEADS = {
     'BertModel': 'none', 'BertForMaskedLM': 'mlm', 'BertForPreTraining': 'mlm',
     'BertForSequenceClassification': 'cls', 'OPTModel': 'none', 'OPTForCausalLM': 'clm',
@@ -65,12 +65,17 @@ def _gate(cfg: mcfg.ModelConfig, flax_path, hf_prefix):
     names = ('alpha',)
   elif cfg.gate_linear_all_features:
     names = ('kernel', 'bias')
-  elif cfg.gate_mlp:
+  elif cfg.gate_mlp or cfg.gate_mlp2:
     names = ('kernel1', 'bias1', 'kernel2', 'bias2')
   else:
     names = ('kernel', 'bias')
   for n in names:
     yield flax_path + ('gate', n), f'{hf_prefix}.gate.{n}', False
+
+
+def _sink(cfg: mcfg.ModelConfig, flax_path, hf_prefix):
+  if str(cfg.softmax).strip() == 'sink':
+    yield flax_path + ('sink',), f'{hf_prefix}.sink', False
 
 
 def _top(entries):
@@ -91,6 +96,7 @@ def param_map(cfg: mcfg.ModelConfig) -> Iterator[tuple[tuple, str, bool]]:
       for n in ('query', 'key', 'value'):
         yield from _dense(f + ('attention', n), f'{h}.attention.self.{n}')
       yield from _gate(cfg, f + ('attention',), f'{h}.attention.self')
+      yield from _sink(cfg, f + ('attention',), f'{h}.attention.self')
       yield from _dense(f + ('attention', 'out'), f'{h}.attention.output.dense')
       yield from _ln(f + ('attention_ln',), f'{h}.attention.output.LayerNorm')
       yield from _dense(f + ('intermediate',), f'{h}.intermediate.dense')
@@ -115,6 +121,7 @@ def param_map(cfg: mcfg.ModelConfig) -> Iterator[tuple[tuple, str, bool]]:
       for n, hn in (('query', 'q_proj'), ('key', 'k_proj'), ('value', 'v_proj'), ('out', 'out_proj')):
         yield from _dense(f + ('attention', n), f'{h}.self_attn.{hn}', cfg.enable_bias)
       yield from _gate(cfg, f + ('attention',), f'{h}.self_attn')
+      yield from _sink(cfg, f + ('attention',), f'{h}.self_attn')
       yield from _ln(f + ('attention_ln',), f'{h}.self_attn_layer_norm')
       yield from _dense(f + ('fc1',), f'{h}.fc1', cfg.enable_bias)
       yield from _dense(f + ('fc2',), f'{h}.fc2', cfg.enable_bias)
@@ -296,7 +303,7 @@ def _get(tree: dict, path: tuple):
 
 
 def _is_optional(path: tuple, cfg: mcfg.ModelConfig, ckpt_head: str) -> bool:
-  if 'gate' in path:
+  if 'gate' in path or path[-1] == 'sink':
     return True
   head_params = {'pooler', 'classifier', 'mlm_transform', 'mlm_ln', 'mlm_bias'}
   return path[0] in head_params and cfg.resolved_head != ckpt_head

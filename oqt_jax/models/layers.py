@@ -128,11 +128,13 @@ class Dense(nn.Module):
   dtype: Dtype = jnp.float32
   quant: Any = None
   quantize_output: bool = True
+  kernel_init: Optional[Callable] = None   # None: normal(init_std)
+  bias_init: Optional[Callable] = None     # None: zeros
 
   @nn.compact
   def __call__(self, x, mask=None):
-    kernel = self.param('kernel', nn.with_logical_partitioning(normal_init(self.init_std),
-                                                               self.kernel_axes),
+    kernel = self.param('kernel', nn.with_logical_partitioning(
+        self.kernel_init or normal_init(self.init_std), self.kernel_axes),
                         (x.shape[-1], self.features), jnp.float32)
     kernel = qweight(self.quant, self, self.wpoint or 'w' + self.point, kernel)
     dot_general = (None if self.quant is None
@@ -149,8 +151,8 @@ class Dense(nn.Module):
       if acc is not None:
         y = y.astype(acc)
     if self.use_bias:
-      bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros,
-                                                             self.kernel_axes[-1:]),
+      bias = self.param('bias', nn.with_logical_partitioning(
+          self.bias_init or nn.initializers.zeros, self.kernel_axes[-1:]),
                         (self.features,), jnp.float32)
       y = y + bias.astype(y.dtype)
     if self.activation is not None:

@@ -12,6 +12,9 @@ per channel) and n counts the batches seen (a batch with no valid entry is not s
   percentile p     per batch the (100 - p)-th and p-th percentiles (numpy's 'linear'
                    interpolation) of the valid entries, BOTH tails, then the EMA above.
                    (The original clipped only the minimum in its per-tensor path.)
+                   A config with ranges_*='running_minmax' and percentile p > 0 resolves to
+                   this kind (quant/points.py): the originals' OPT recipe "running_minmax,
+                   percentile 99.999" is an EMA of per-batch percentiles, not of min / max.
   mse              the range minimising sum over valid entries of (q(x) - x)^2, then the EMA.
   cross_entropy    as mse with the loss sum_rows CE(softmax(t), log_softmax(q(x))) over the
                    last (class) axis, t = logits_target if given else x (FP logits). The

@@ -83,6 +83,9 @@ WEIGHT_ESTIMATORS = ('current_minmax', 'running_minmax', 'allminmax', 'percentil
 ACT_ESTIMATORS = ('current_minmax', 'running_minmax', 'allminmax', 'percentile', 'mse',
                   'cross_entropy')
 MSE_SEARCHES = ('grid', 'golden')
+# Estimators that use quant.percentile: running_minmax with percentile p > 0 averages (EMA) the
+# per-batch (100 - p, p) percentiles instead of min / max, i.e. the 'percentile' estimator.
+PERCENTILE_ESTIMATORS = ('percentile', 'running_minmax')
 GRAN_RE = re.compile(r'^(per_tensor|per_embd|ng(\d+)|ngp(\d+))$')
 KEY_RE = re.compile(r'^([A-Za-z]+?)(\d+)?$')
 
@@ -269,11 +272,19 @@ def validate_quant_config(config) -> None:
   if _get(q, 'ranges_acts') not in ACT_ESTIMATORS:
     bad('ranges_acts', f'expected one of {ACT_ESTIMATORS}')
   p = float(_get(q, 'percentile'))
-  uses_pct = 'percentile' in (_get(q, 'ranges_acts'), _get(q, 'ranges_weights'))
+  ests = (_get(q, 'ranges_acts'), _get(q, 'ranges_weights'))
+  uses_pct = 'percentile' in ests
   if uses_pct and not 50.0 < p <= 100.0:
     bad('percentile', "the 'percentile' estimator needs a percentile in (50, 100], e.g. 99.999")
   if not uses_pct and p > 0 and not 50.0 < p <= 100.0:
     bad('percentile', 'expected -1 (unused) or a percentile in (50, 100]')
+  # A percentile means something with the 'percentile' estimator, or with running_minmax
+  # (then the EMA runs over per-batch percentiles, as the originals' OPT recipe); with any
+  # other estimator it would be silently ignored.
+  if p > 0 and not any(e in PERCENTILE_ESTIMATORS for e in ests):
+    raise ConfigError(f'quant.percentile={p!r} with quant.ranges_acts={ests[0]!r} and '
+                      f'quant.ranges_weights={ests[1]!r}: a percentile is used only by the '
+                      "'percentile' and 'running_minmax' estimators (set percentile=-1)")
   if not 0.0 <= float(_get(q, 'momentum')) < 1.0:
     bad('momentum', 'must be in [0, 1)')
   n = _get(q, 'est_num_batches')
@@ -399,6 +410,7 @@ class Rules:
   num_candidates: int
   dynamic: bool
   int8: bool
+  running_percentile: bool = False    # running_minmax means an EMA of per-batch percentiles
 
   @classmethod
   def build(cls, qcfg, model_cfg) -> 'Rules':
@@ -422,7 +434,7 @@ class Rules:
         overrides=parse_quant_dict(g('quant_dict')), permute_shared_h=bool(g('permute_shared_h')),
         percentile=pct if pct > 0 else 99.999, momentum=float(g('momentum')),
         mse_search=g('mse_search'), num_candidates=int(g('num_candidates')),
-        dynamic=bool(g('dynamic')), int8=bool(g('int8')))
+        dynamic=bool(g('dynamic')), int8=bool(g('int8')), running_percentile=pct > 0)
 
   # -- per point ---------------------------------------------------------------------------
   @functools.lru_cache(maxsize=None)
@@ -469,6 +481,8 @@ class Rules:
     if base == 'Et' and matching and self.model_type == 'bert':
       est, search = 'mse', 'golden'
     gran = 'per_channel' if self.per_channel else 'per_tensor'
+    if est == 'running_minmax' and self.running_percentile:
+      est = 'percentile'
     return PointSpec(name=name, kind='weight', enabled=enabled, n_bits=bits,
                      symmetric=self.symmetric_weights, granularity=gran,
                      estimator=est, mse_search=search)
@@ -503,6 +517,8 @@ class Rules:
         gran, ng, perm = ov.granularity, ov.n_groups, ov.permute
     if gran == 'per_tensor':
       ng, perm = 0, False
+    if est == 'running_minmax' and self.running_percentile:
+      est = 'percentile'     # EMA of the per-batch percentiles (see PERCENTILE_ESTIMATORS)
     source = None
     if gran == 'groups' and perm:
       shared = self.permute_shared_h and layer is not None and base in ('x', 'h', 'y')
