@@ -372,3 +372,52 @@ def test_permute_shared_h_with_h_kept_fp32():
   gid = np.empty(32, int)
   gid[perm] = np.arange(32) // 8
   np.testing.assert_array_equal(ids_x, gid)
+
+
+# ---- bfloat16 compute: float32 accumulation into softmax / quantizers, 16-bit stays 16-bit ----
+def test_bf16_scores_context_and_logits_accumulate_in_float32():
+  b, t = 2, 6
+  model = models.build(_cfg('opt', dtype='bfloat16'))
+  variables = models.init_variables(model, jax.random.PRNGKey(0), seq_len=t)
+  ids = jnp.ones((b, t), jnp.int32)
+  text = str(jax.make_jaxpr(lambda v: model.apply(v, ids).logits)(variables))
+  dots = [l.strip() for l in text.splitlines() if 'dot_general[' in l]
+  out_of = lambda shape: [l for l in dots if f'[{shape}] = dot_general' in l]
+  h, d = 4, 8
+  for shape in (f'{b},{h},{t},{t}', f'{b},{h},{t},{d}', f'{b},{t},{VOCAB}'):   # QK^T, P.V, logits
+    found = out_of(shape)
+    assert found and all(l.split(':')[1].startswith('f32') for l in found), (shape, found)
+  assert 'preferred_element_type=float32' in text
+  # The FFN matmuls (no quantizer, no softmax) keep the compute dtype.
+  assert any(l.split(':')[1].startswith('bf16') for l in out_of(f'{b},{t},64'))
+
+
+def test_bf16_quantizers_stay_16_bit():
+  from oqt_jax.models.layers import Dense
+  cfg = _cfg(hidden_size=16, num_heads=2)
+  rules = quant.rules(quant.config(quant_dict="{'f0': 16}"), cfg)
+  hooks = QuantHooks(rules, mode='dynamic')          # ranges from the batch: no calibration
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 3, 16)).astype(np.float32)
+  kernel = rng.normal(size=(16, 8)).astype(np.float32)
+  bias = rng.normal(size=8).astype(np.float32)
+  params = {'params': {'kernel': jnp.asarray(kernel), 'bias': jnp.asarray(bias)}}
+  outs = {}
+  for point in ('f0', 'h0'):                           # 16-bit and 8-bit activations
+    dense = Dense(8, point=point, dtype=jnp.bfloat16, quant=hooks)
+    outs[point] = dense.apply(params, jnp.asarray(x))
+    jaxpr = str(jax.make_jaxpr(lambda p: dense.apply(p, jnp.asarray(x)))(params))
+    assert 'preferred_element_type=float32' in jaxpr
+  assert outs['f0'].dtype == jnp.float32 and outs['h0'].dtype == jnp.bfloat16
+  # numpy: weights fake-quantized (8-bit symmetric per tensor), bf16 operands, float32
+  # accumulation, + bias, then the 16-bit asymmetric quantizer on the batch's own range.
+  s_w = np.float32(np.abs(kernel).max() / 127.0)
+  w_q = (np.clip(np.round(kernel / s_w), -128, 127) * s_w).astype(np.float32)
+  bf = lambda a: np.asarray(jnp.asarray(a, jnp.bfloat16).astype(jnp.float32))
+  y = (bf(x).astype(np.float64) @ bf(w_q) + bias).astype(np.float32)
+  want = _np_qdq(y, 16, y.min(), y.max())
+  step = (y.max() - min(y.min(), 0)) / 65535
+  got = np.asarray(outs['f0'])
+  np.testing.assert_allclose(got, want, rtol=0, atol=1.01 * step)
+  assert np.abs(got - y).max() <= 0.51 * step + 1e-6        # on the 16-bit grid ...
+  assert np.abs(bf(y) - y).max() > 20 * step                # ... which bf16 could not hold
