@@ -242,3 +242,182 @@ def test_planted_outliers_degrade_per_tensor_and_peg_or_mixed_precision_recover(
   assert per_tensor > 0.15
   assert per_tensor > 2.0 * peg
   assert per_tensor > 5.0 * mixed
+
+
+# ---- PEG: permutation from averaged per-batch ranges, group ranges from the group's values ----
+import flax.linen as nn  # noqa: E402
+
+from oqt_jax.quant.calibrate import assign_permutations  # noqa: E402
+from oqt_jax.quant.hooks import QuantHooks  # noqa: E402
+
+D_PEG, K_PEG = 16, 4
+
+
+class _Point(nn.Module):
+  """One activation point driven by the hooks (as a model layer would)."""
+  hooks: QuantHooks
+  point: str
+
+  @nn.compact
+  def __call__(self, x, mask):
+    return self.hooks.act(self, self.point, x, mask)
+
+
+def _peg_batches():
+  rng = np.random.default_rng(7)
+  scale = np.ones(D_PEG)
+  scale[[2, 9, 13]] = [30.0, 8.0, 60.0]            # outlier dims of different widths
+  out = []
+  for i in range(4):
+    x = (rng.normal(size=(2, 5, D_PEG)) * scale + rng.normal(size=D_PEG)).astype(np.float32)
+    m = np.ones((2, 5), bool)
+    if i == 1:
+      m[:] = False                                  # no valid token: must not count
+      x[:] = 1e4                                    # (and its values must not leak in)
+    if i == 2:
+      m[1, 2:] = False
+      x[1, 2:] = -1e4
+    out.append((x, m))
+  return out
+
+
+def _np_qdq(x, b, lo, hi):
+  lo, hi = np.minimum(lo, 0).astype(np.float32), np.maximum(hi, 1e-8).astype(np.float32)
+  q_max = np.float32(2 ** b - 1)
+  s = np.maximum((hi - lo) / q_max, np.float32(1e-8)).astype(np.float32)
+  z = np.clip(np.round(-lo / s), 0, q_max)
+  return (s * (np.clip(np.round(x / s) + z, 0, q_max) - z)).astype(np.float32)
+
+
+def _run_point(rules, point, batches):
+  hooks = QuantHooks(rules, mode='init')
+  mod = lambda mode: _Point(hooks.with_mode(mode), point)
+  v = mod('init').init(jax.random.PRNGKey(0), *map(jnp.asarray, batches[0]))
+  for mode in ('stats', 'calibrating'):
+    if mode == 'stats' and not rules.needs_permutation:
+      continue
+    for x, m in batches:
+      _, v = mod(mode).apply(v, jnp.asarray(x), jnp.asarray(m), mutable=['quant'])
+    if mode == 'stats':
+      v = {'quant': assign_permutations(v['quant'], rules)}
+  return v['quant'][point], mod('frozen'), v
+
+
+@pytest.mark.parametrize('estimator', ['running_minmax', 'percentile'])
+@pytest.mark.parametrize('permute', [True, False])
+def test_peg_groups_vs_numpy(estimator, permute):
+  cfg = _cfg(hidden_size=D_PEG, num_layers=1)
+  gran = f"ngp{K_PEG}" if permute else f"ng{K_PEG}"
+  rules = quant.rules(quant.config(quant_dict=f"{{'h0': '{gran}'}}", ranges_acts=estimator,
+                                   percentile=99.0), cfg)
+  batches = _peg_batches()
+  state, frozen, v = _run_point(rules, 'h0', batches)
+
+  valid = [(x[m], x) for x, m in batches if m.any()]
+  size = D_PEG // K_PEG
+  if permute:   # mean over batches of each dim's per-batch range (max - min)
+    mean_range = np.mean([v_.max(0) - v_.min(0) for v_, _ in valid], axis=0)
+    perm = np.argsort(mean_range, kind='stable')
+    gid = np.empty(D_PEG, int)
+    gid[perm] = np.arange(D_PEG) // size
+    np.testing.assert_array_equal(np.asarray(state['group_ids']), gid)
+    # Not the permutation of the global (all-batch) min / max ranges here.
+    allr = np.concatenate([v_ for v_, _ in valid])
+    assert not np.array_equal(np.argsort(allr.max(0) - allr.min(0), kind='stable'), perm)
+  else:
+    gid = np.arange(D_PEG) // size
+  # Group ranges: the estimator on each group's own values, EMA over the valid batches.
+  lo = hi = None
+  for vals, _ in valid:
+    g_lo, g_hi = np.empty(K_PEG), np.empty(K_PEG)
+    for k in range(K_PEG):
+      gv = vals[:, gid == k].ravel()
+      if estimator == 'running_minmax':
+        g_lo[k], g_hi[k] = gv.min(), gv.max()
+      else:
+        g_lo[k], g_hi[k] = np.percentile(gv, [1.0, 99.0])
+    lo, hi = (g_lo, g_hi) if lo is None else (0.1 * g_lo + 0.9 * lo, 0.1 * g_hi + 0.9 * hi)
+  assert int(state['n']) == len(valid)
+  np.testing.assert_allclose(np.asarray(state['x_min']), lo, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(state['x_max']), hi, rtol=1e-5, atol=1e-5)
+  x, m = batches[0]
+  got = np.asarray(frozen.apply(v, jnp.asarray(x), jnp.asarray(m)))
+  want = _np_qdq(x, 8, np.asarray(state['x_min'])[gid], np.asarray(state['x_max'])[gid])
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
+def test_permute_shared_h_with_h_kept_fp32():
+  """x, h, y share h's permutation; h itself in fp32 is still observed for it."""
+  model = models.build(_cfg(num_layers=1))
+  variables = models.init_variables(model, jax.random.PRNGKey(0), seq_len=SEQ)
+  cal = _batches(2, seed=4, pad_from=10)
+  qcfg = quant.config(est_num_batches=2, permute_shared_h=True,
+                      quant_dict="{'x': 'ngp4', 'h': 'ngp4', 'y': 'ngp4', 'h0': 'fp32'}")
+  qmodel, qvars = quant.calibrate(model, variables, cal, qcfg)
+  assert not qmodel.quant.rules.spec('h0').enabled
+  q = qvars['quant']['encoder_layer_0']
+  ids_x = np.asarray(q['attention_ln']['x0']['group_ids'])
+  ids_y = np.asarray(q['y0']['group_ids'])
+  np.testing.assert_array_equal(ids_x, ids_y)
+  assert 'x_min' not in q['output']['h0']            # h0 stays floating point
+  ranges = []
+  fwd = jax.jit(lambda b: model.apply(variables, b['input_ids'],
+                                      attention_mask=b['attention_mask'],
+                                      mutable=['intermediates'])[1])
+  for b in cal:
+    h = np.asarray(fwd(b)['intermediates']['encoder_layer_0']['ffn_output'][0])
+    vals = h[b['attention_mask'].astype(bool)]
+    ranges.append(vals.max(0) - vals.min(0))
+  perm = np.argsort(np.mean(ranges, 0), kind='stable')
+  gid = np.empty(32, int)
+  gid[perm] = np.arange(32) // 8
+  np.testing.assert_array_equal(ids_x, gid)
+
+
+# ---- bfloat16 compute: float32 accumulation into softmax / quantizers, 16-bit stays 16-bit ----
+def test_bf16_scores_context_and_logits_accumulate_in_float32():
+  b, t = 2, 6
+  model = models.build(_cfg('opt', dtype='bfloat16'))
+  variables = models.init_variables(model, jax.random.PRNGKey(0), seq_len=t)
+  ids = jnp.ones((b, t), jnp.int32)
+  text = str(jax.make_jaxpr(lambda v: model.apply(v, ids).logits)(variables))
+  dots = [l.strip() for l in text.splitlines() if 'dot_general[' in l]
+  out_of = lambda shape: [l for l in dots if f'[{shape}] = dot_general' in l]
+  h, d = 4, 8
+  for shape in (f'{b},{h},{t},{t}', f'{b},{h},{t},{d}', f'{b},{t},{VOCAB}'):   # QK^T, P.V, logits
+    found = out_of(shape)
+    assert found and all(l.split(':')[1].startswith('f32') for l in found), (shape, found)
+  assert 'preferred_element_type=float32' in text
+  # The FFN matmuls (no quantizer, no softmax) keep the compute dtype.
+  assert any(l.split(':')[1].startswith('bf16') for l in out_of(f'{b},{t},64'))
+
+
+def test_bf16_quantizers_stay_16_bit():
+  from oqt_jax.models.layers import Dense
+  cfg = _cfg(hidden_size=16, num_heads=2)
+  rules = quant.rules(quant.config(quant_dict="{'f0': 16}"), cfg)
+  hooks = QuantHooks(rules, mode='dynamic')          # ranges from the batch: no calibration
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 3, 16)).astype(np.float32)
+  kernel = rng.normal(size=(16, 8)).astype(np.float32)
+  bias = rng.normal(size=8).astype(np.float32)
+  params = {'params': {'kernel': jnp.asarray(kernel), 'bias': jnp.asarray(bias)}}
+  outs = {}
+  for point in ('f0', 'h0'):                           # 16-bit and 8-bit activations
+    dense = Dense(8, point=point, dtype=jnp.bfloat16, quant=hooks)
+    outs[point] = dense.apply(params, jnp.asarray(x))
+    jaxpr = str(jax.make_jaxpr(lambda p: dense.apply(p, jnp.asarray(x)))(params))
+    assert 'preferred_element_type=float32' in jaxpr
+  assert outs['f0'].dtype == jnp.float32 and outs['h0'].dtype == jnp.bfloat16
+  # numpy: weights fake-quantized (8-bit symmetric per tensor), bf16 operands, float32
+  # accumulation, + bias, then the 16-bit asymmetric quantizer on the batch's own range.
+  s_w = np.float32(np.abs(kernel).max() / 127.0)
+  w_q = (np.clip(np.round(kernel / s_w), -128, 127) * s_w).astype(np.float32)
+  bf = lambda a: np.asarray(jnp.asarray(a, jnp.bfloat16).astype(jnp.float32))
+  y = (bf(x).astype(np.float64) @ bf(w_q) + bias).astype(np.float32)
+  want = _np_qdq(y, 16, y.min(), y.max())
+  step = (y.max() - min(y.min(), 0)) / 65535
+  got = np.asarray(outs['f0'])
+  np.testing.assert_allclose(got, want, rtol=0, atol=1.01 * step)
+  assert np.abs(got - y).max() <= 0.51 * step + 1e-6        # on the 16-bit grid ...
+  assert np.abs(bf(y) - y).max() > 20 * step                # ... which bf16 could not hold

@@ -290,3 +290,29 @@ def test_bad_arguments():
     E.update('current_minmax', E.init_state(), x, n_bits=1)
   assert set(E.ESTIMATORS) == {'current_minmax', 'running_minmax', 'allminmax', 'percentile',
                                'mse', 'cross_entropy'}
+
+
+@pytest.mark.parametrize('kind', ['running_minmax', 'percentile', 'mse', 'allminmax'])
+def test_batch_without_valid_tokens_is_not_seen(kind):
+  """An all-padding batch changes nothing: the next valid batch initialises the state (it is
+  not blended with the zero initial state) and the count stays."""
+  rng = np.random.default_rng(0)
+  a = rng.normal(size=(2, 4, 3)).astype(np.float32) + 5.0     # far from the zero state
+  b = rng.normal(size=(2, 4, 3)).astype(np.float32) * 3.0
+  none = np.zeros((2, 4), bool)
+  upd = lambda st, x, m=None: E.update(kind, st, x, mask=m, percentile=99.0)
+  s0 = E.init_state(())
+  s_empty = upd(s0, b, none)
+  assert int(s_empty['n']) == 0
+  s1 = upd(s_empty, a)
+  want = upd(s0, a)
+  assert int(s1['n']) == 1
+  np.testing.assert_array_equal(np.asarray(s1['x_min']), np.asarray(want['x_min']))
+  np.testing.assert_array_equal(np.asarray(s1['x_max']), np.asarray(want['x_max']))
+  if kind == 'running_minmax':   # numpy: the first valid batch initialises
+    assert float(s1['x_min']) == pytest.approx(a.min()) and float(s1['x_max']) == a.max()
+  s2 = upd(upd(s1, b, none), b)
+  want2 = upd(want, b)
+  assert int(s2['n']) == 2
+  np.testing.assert_allclose(np.asarray(s2['x_min']), np.asarray(want2['x_min']), rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(s2['x_max']), np.asarray(want2['x_max']), rtol=1e-6)

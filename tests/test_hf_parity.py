@@ -203,3 +203,154 @@ def test_new_classification_head_on_mlm_checkpoint(checkpoints):
   out = model.apply(variables, jnp.asarray(ids, jnp.int32), jnp.asarray(mask))
   assert out.logits.shape == (3, 2)
   assert 'classifier' in variables['params'] and 'mlm_bias' not in variables['params']
+
+
+# ---- gated checkpoints of the original PyTorch code ----------------------------------------
+def _original_gates(kind, num_layers, prefix, h=4, d=8, d_model=32, seed=0):
+  """Gate tensors as the original attention modules name them (torch Linear weights)."""
+  torch.manual_seed(seed)
+  out = {}
+  for i in range(num_layers):
+    a = prefix.format(i) + '.alpha'
+    if kind == 'unconditional':
+      out[a] = torch.randn(h)
+    elif kind == 'all_features':
+      lin = torch.nn.Linear(d_model, h)
+      out[a + '.weight'], out[a + '.bias'] = lin.weight, lin.bias
+    else:
+      for j in range(h):
+        if kind == 'mlp':
+          l0, l2 = torch.nn.Linear(d, d // 4), torch.nn.Linear(d // 4, 1)
+          out.update({f'{a}.{j}.0.weight': l0.weight, f'{a}.{j}.0.bias': l0.bias,
+                      f'{a}.{j}.2.weight': l2.weight, f'{a}.{j}.2.bias': l2.bias})
+        else:
+          lin = torch.nn.Linear(d, 1)
+          out[f'{a}.{j}.weight'], out[f'{a}.{j}.bias'] = lin.weight, lin.bias
+  return {k: v.detach().clone().contiguous() for k, v in out.items()}
+
+
+def _np_gate(kind, t, a, x, h=4):
+  """numpy restatement of the original gate on the gate input x (B, T, D): (B|1, H, T|1, 1)."""
+  sig = lambda z: 1.0 / (1.0 + np.exp(-z))
+  g = lambda k: t[f'{a}{k}'].numpy().astype(np.float64)
+  if kind == 'unconditional':
+    return sig(g(''))[None, :, None, None]
+  if kind == 'all_features':
+    return sig(x @ g('.weight').T + g('.bias')).transpose(0, 2, 1)[..., None]
+  b, n, dm = x.shape
+  xh = x.reshape(b, n, h, dm // h)
+  out = []
+  for j in range(h):
+    if kind == 'mlp':
+      hid = np.maximum(xh[:, :, j] @ g(f'.{j}.0.weight').T + g(f'.{j}.0.bias'), 0)
+      z = hid @ g(f'.{j}.2.weight').T + g(f'.{j}.2.bias')
+    else:
+      z = xh[:, :, j] @ g(f'.{j}.weight').T + g(f'.{j}.bias')
+    out.append(sig(z))                                   # (B, T, 1)
+  return np.stack(out, 1)                                # (B, H, T, 1)
+
+
+def _write_original(src, dst, extra, config_edit=None):
+  from safetensors.torch import load_file, save_file
+  os.makedirs(dst, exist_ok=True)
+  sd = load_file(os.path.join(src, 'model.safetensors'))
+  sd.update(extra)
+  save_file(sd, os.path.join(dst, 'model.safetensors'), metadata={'format': 'pt'})
+  with open(os.path.join(src, 'config.json')) as f:
+    cfg = json.load(f)
+  if config_edit:
+    config_edit(cfg)
+  with open(os.path.join(dst, 'config.json'), 'w') as g:
+    json.dump(cfg, g)
+
+
+GATE_KINDS = {
+    'mlp': ('bert_mlm', dict(gate='conditional_per_token', gate_mlp=True)),
+    'linear': ('opt_clm', dict(gate='conditional_per_token')),
+    'all_features': ('opt_clm', dict(gate='conditional_per_token',
+                                     gate_linear_all_features=True)),
+    'unconditional': ('bert_mlm', dict(gate='unconditional_per_head')),
+}
+
+
+@pytest.mark.parametrize('kind', list(GATE_KINDS))
+def test_original_gated_checkpoint_loads_its_gates(checkpoints, tmp_path, kind):
+  name, overrides = GATE_KINDS[kind]
+  src, _ = checkpoints[name]
+  prefix = ('bert.encoder.layer.{}.attention.self' if name.startswith('bert')
+            else 'model.decoder.layers.{}.self_attn')
+  tensors = _original_gates(kind, 2, prefix)
+  _write_original(src, tmp_path, tensors)
+  model, variables = hf.load(tmp_path, **overrides)
+  ids, mask = _batch('right')
+  out, inter = model.apply(variables, jnp.asarray(ids, jnp.int32), jnp.asarray(mask),
+                           mutable=['intermediates'])
+  inter = inter['intermediates']
+  for i in range(2):
+    if name.startswith('bert'):
+      layer = inter[f'encoder_layer_{i}']
+      x = np.asarray(out.hidden_states[i], np.float64)        # BERT: the layer input
+    else:
+      layer = inter[f'decoder_layer_{i}']
+      x = np.asarray(layer['attn_ln_output'][0], np.float64)  # OPT: self_attn_layer_norm out
+    got = np.asarray(layer['attention']['gate_probs'][0])
+    want = _np_gate(kind, tensors, prefix.format(i) + '.alpha', x)
+    np.testing.assert_allclose(got, np.broadcast_to(want, got.shape) if kind ==
+                               'unconditional' else want, atol=1e-5, rtol=0)
+
+
+def test_gate_errors_name_the_tensors(checkpoints, tmp_path):
+  src, _ = checkpoints['bert_mlm']
+  prefix = 'bert.encoder.layer.{}.attention.self'
+  # Gate tensors in the checkpoint, but loaded without a gate: not silently dropped.
+  _write_original(src, tmp_path / 'a', _original_gates('mlp', 2, prefix))
+  with pytest.raises(CheckpointError, match=r"attention\.self\.alpha.*gate="):
+    hf.load(tmp_path / 'a')
+  # MLP gate tensors loaded as a single-Linear gate: the expected tensor is named.
+  with pytest.raises(CheckpointError, match=r"encoder\.layer\.0\.attention\.self\.alpha\.0\."
+                                            r"weight.*missing"):
+    hf.load(tmp_path / 'a', gate='conditional_per_token')
+  # config.json declares a gate the checkpoint lacks: an error, not fresh gates.
+  declare = lambda c: c.update(oqt_jax={'gate': 'conditional_per_token'})
+  _write_original(src, tmp_path / 'b', {}, declare)
+  with pytest.raises(CheckpointError, match=r"declares gate.*attention\.self\.gate\.kernel"):
+    hf.load(tmp_path / 'b')
+
+
+def test_export_of_gated_or_clipped_model_warns(checkpoints, tmp_path, capsys):
+  path, _ = checkpoints['opt_clm']
+  model, variables = hf.load(path)
+  hf.save(model, variables, tmp_path / 'vanilla')
+  assert 'WARNING' not in capsys.readouterr().err
+  model, variables = hf.load(path, softmax='clipped(-.025:1)')
+  hf.save(model, variables, tmp_path / 'clipped')
+  err = capsys.readouterr().err
+  assert 'WARNING' in err and 'clipped softmax' in err and 'generate' in err
+
+
+def test_opt_has_no_dropout_after_the_embedding_sum(checkpoints):
+  """Training mode (dropout on): the first layer's input is still the plain embedding sum."""
+  path, tm = checkpoints['opt_clm']
+  model, variables = hf.load(path)
+  assert model.cfg.hidden_dropout > 0
+  ids, mask = _batch('right')
+  out = model.apply(variables, jnp.asarray(ids, jnp.int32), jnp.asarray(mask),
+                    deterministic=False, rngs={'dropout': jax.random.PRNGKey(3)})
+  emb = tm.model.decoder.embed_tokens.weight.detach().numpy()
+  pos = tm.model.decoder.embed_positions.weight.detach().numpy()
+  pids = np.cumsum(mask, 1) * mask - 1 + 2                  # OPT positions, offset 2
+  want = emb[ids] + pos[pids]
+  np.testing.assert_allclose(_valid(np.asarray(out.hidden_states[0]), mask, True),
+                             _valid(want, mask, True), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize('softmax_T', [128, 300])
+def test_foreign_opt_uses_the_configs_softmax_T(checkpoints, softmax_T):
+  import ml_collections
+  from oqt_jax.evaluate import run
+  path, _ = checkpoints['opt_clm']
+  config = ml_collections.ConfigDict({'model': {'softmax': 'vanilla', 'alpha': 12.0,
+                                                'softmax_T': softmax_T, 'gate': 'none'}})
+  model, _, _ = run.load_model(config, None, hf_model=path)
+  assert model.cfg.softmax_T == softmax_T
+  assert model.cfg.clip_gamma_zeta[0] == pytest.approx(-12.0 / softmax_T)

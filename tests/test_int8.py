@@ -79,3 +79,42 @@ def test_int8_applies_only_to_low_bit_weights(setup):
   hooks = quant.QuantHooks(r)
   assert int8.uses_int8(hooks, 'f0') and not int8.uses_int8(hooks, 'h0')
   assert not int8.uses_int8(hooks, 'q1') and not int8.uses_int8(hooks, 'Mt')
+
+
+def test_int8_and_fake_quant_share_the_weight_grid():
+  """Weight codes clipped at -128 by the fake quantizer stay -128 in the int8 matmul (AQT and
+  its float twin), checked against a numpy restatement of the integer arithmetic."""
+  import flax.linen as nn
+  import jax.numpy as jnp
+  from oqt_jax.models.layers import Dense
+  from oqt_jax.quant.hooks import QuantHooks
+
+  cfg = models.ModelConfig(model_type='bert', hidden_size=16, num_heads=2)
+  rules = quant.rules(quant.config(int8=True, per_channel=True, quant_dict="{'f0': 'fp32'}"),
+                      cfg)
+  rng = np.random.default_rng(0)
+  kernel = rng.normal(size=(16, 8)).astype(np.float32)
+  x = rng.normal(size=(3, 5, 16)).astype(np.float32)
+  # Narrow weight ranges (half the absmax, skewed): many codes clip to -128 and to 127.
+  absmax = np.abs(kernel).max(0)
+  w_min, w_max = -0.5 * absmax, 0.45 * absmax
+  qstate = {'wf0': {'x_min': jnp.asarray(w_min), 'x_max': jnp.asarray(w_max),
+                    'n': jnp.ones((), jnp.int32)},
+            'in_f0': {'x_min': jnp.float32(-2.5), 'x_max': jnp.float32(2.0),
+                      'n': jnp.ones((), jnp.int32)}}
+  variables = {'params': {'kernel': jnp.asarray(kernel), 'bias': jnp.zeros(8)},
+               'quant': qstate}
+  out = {}
+  for backend in ('aqt', 'fake'):
+    hooks = QuantHooks(rules, mode='frozen', int8_backend=backend)
+    dense = Dense(8, point='f0', quant=hooks)
+    out[backend] = np.asarray(dense.apply(variables, jnp.asarray(x)))
+
+  s_w = np.maximum(np.maximum(-w_min, w_max) / 127.0, 1e-8).astype(np.float32)
+  codes = np.clip(np.round(kernel / s_w), -128, 127)
+  assert (codes == -128).any() and (codes == 127).any()
+  s_x = np.float32(2.5 / 127.0)
+  xi = np.clip(np.round(x / s_x), -127, 127)
+  want = (xi.astype(np.float64) @ codes) * s_x * s_w
+  np.testing.assert_allclose(out['fake'], want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(out['aqt'], want, rtol=1e-5, atol=1e-5)

@@ -392,3 +392,20 @@ def test_true_divide_is_single_rounding_under_jit():
   a2 = a.reshape(-1, 4)
   np.testing.assert_array_equal(np.asarray(jax.jit(Q.true_divide)(a2, per_channel)),
                                 a2 / per_channel)
+
+
+def test_group_values_and_expand_group_ranges_vs_numpy():
+  rng = np.random.default_rng(0)
+  d, k = 12, 3
+  x = rng.normal(size=(2, 5, d)).astype(np.float32)
+  perm = rng.permutation(d)
+  gid = np.asarray(Q.group_index(d, k, jnp.asarray(perm)))
+  view = np.asarray(Q.group_values(x, gid, k))
+  assert view.shape == (2, 5, k, d // k)
+  for g in range(k):
+    np.testing.assert_array_equal(view[..., g, :], x[..., np.flatnonzero(gid == g)])
+  g_min = rng.normal(size=k).astype(np.float32)
+  g_max = (rng.normal(size=k) + 3).astype(np.float32)
+  lo, hi = Q.expand_group_ranges(g_min, g_max, gid)
+  np.testing.assert_array_equal(np.asarray(lo), g_min[gid])
+  np.testing.assert_array_equal(np.asarray(hi), g_max[gid])

@@ -59,8 +59,14 @@ def _variant_overrides(config, hf_path: str) -> dict:
     return {}
   from oqt_jax.models.hf import VARIANT_FIELDS
   default = models.ModelConfig()
-  return {f: config.model[f] for f in VARIANT_FIELDS
-          if f in config.model and config.model[f] != getattr(default, f)}
+  out = {f: config.model[f] for f in VARIANT_FIELDS
+         if f in config.model and config.model[f] != getattr(default, f)}
+  # The alpha form's T is the config's whatever its value (a foreign OPT would otherwise get
+  # its block size 512 whenever the config's T equals the generic default).
+  if 'softmax_T' in config.model and (float(config.model.get('alpha', -1.0) or -1.0) > 0
+                                      or config.model.get('softmax', 'vanilla') != 'vanilla'):
+    out['softmax_T'] = config.model.softmax_T
+  return out
 
 
 def load_model(config, workdir: Optional[str], hf_model: Optional[str] = None):

@@ -11,13 +11,27 @@ when loading (`softmax='clipped(-.025:1)'`, `gate='conditional_per_token'`, `fin
 ...): parameters the checkpoint lacks (gates, a newly requested head) are freshly initialised,
 every other tensor must be present with the right shape or loading fails naming it.
 Variant settings are stored in config.json under "oqt_jax" and gate tensors under
-'<layer>.attention.self.gate.*' / '<layer>.self_attn.gate.*', which transformers ignores.
+'<layer>.attention.self.gate.*' / '<layer>.self_attn.gate.*', which transformers ignores
+(`save` says so on stderr: transformers runs such a model without its gates and clipping;
+generate with oqt_jax, models.generate or eval.py --prompt).
+
+Gated checkpoints saved by the original PyTorch code (HF layout, the gate under
+'<layer>.attention.self.alpha*' (BERT) / '<layer>.self_attn.alpha*' (OPT)) load with their
+gates when the gate settings are given (their config.json does not record them):
+  alpha                  (H,)          gate='unconditional_per_head'
+  alpha.weight / .bias   (H, D), (H,)  gate='conditional_per_token', gate_linear_all_features
+  alpha.{h}.weight/.bias (1, d), (1,)  gate='conditional_per_token' (or _per_head)
+  alpha.{h}.0.* / .2.*   MLP gate      ... and gate_mlp=True
+A checkpoint holding gate tensors loaded without a gate, or whose config.json declares a gate
+("oqt_jax": {"gate": ...}) but lacks its tensors, is an error naming them.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import re
+import sys
 from typing import Iterator
 
 import flax.linen as nn
@@ -309,6 +323,78 @@ def _is_optional(path: tuple, cfg: mcfg.ModelConfig, ckpt_head: str) -> bool:
   return path[0] in head_params and cfg.resolved_head != ckpt_head
 
 
+# ---------------------------------------------------------------- original gates ----------
+ORIGINAL_GATE_RE = re.compile(r'^.*\.(?:attention\.self|self_attn)\.alpha(?:\..*)?$')
+
+
+def _gate_prefixes(cfg: mcfg.ModelConfig):
+  for i in range(cfg.num_layers):
+    yield (f'encoder.layer.{i}.attention.self' if cfg.model_type == 'bert'
+           else f'decoder.layers.{i}.self_attn')
+
+
+def convert_original_gates(sd: dict, cfg: mcfg.ModelConfig, where: str = '') -> list[str]:
+  """Adds this package's gate tensors ('<prefix>.gate.*') to the normalised state dict `sd`
+  from the original PyTorch code's ('<prefix>.alpha*'); returns the original names used.
+
+  CheckpointError if gate tensors are present but cfg has no gate, or if a layer's gate
+  tensors do not form the configured gate type (naming the missing tensor).
+  """
+  found = sorted(k for k in sd if ORIGINAL_GATE_RE.match(k))
+  if not found:
+    return []
+  if cfg.gate == 'none':
+    raise CheckpointError(
+        f'{where}: the checkpoint has attention-gate tensors ({found[0]}, ...) but model.gate='
+        "'none': load it with its gate, e.g. gate='conditional_per_token' (+ gate_mlp=True for "
+        "alpha.<h>.0.*, gate_linear_all_features=True for alpha.weight; "
+        "'unconditional_per_head' for alpha)")
+  h = cfg.num_heads
+  used = []
+
+  def take(name):
+    if name not in sd:
+      raise CheckpointError(f'{where}: tensor {name!r} missing from the checkpoint (needed for '
+                            f'the {cfg.gate} gate{" MLP" if cfg.gate_mlp else ""})')
+    used.append(name)
+    return np.asarray(sd[name], np.float32)
+
+  for pre in _gate_prefixes(cfg):
+    a, g = pre + '.alpha', pre + '.gate.'
+    if not any(k == a or k.startswith(a + '.') for k in found):
+      continue      # no gate in this layer: the usual missing-tensor rules apply
+    heads = lambda fmt, f: np.stack([f(take(fmt.format(a, i))) for i in range(h)])
+    if cfg.gate == 'unconditional_per_head':
+      sd[g + 'alpha'] = take(a).reshape(-1)
+    elif cfg.gate_linear_all_features:          # Linear(D -> H)
+      sd[g + 'kernel'] = take(a + '.weight').T
+      sd[g + 'bias'] = take(a + '.bias')
+    elif cfg.gate_mlp:                          # per head Linear(d, d/4) -> ReLU -> Linear(d/4, 1)
+      sd[g + 'kernel1'] = heads('{}.{}.0.weight', lambda w: w.T)
+      sd[g + 'bias1'] = heads('{}.{}.0.bias', lambda b: b)
+      sd[g + 'kernel2'] = heads('{}.{}.2.weight', lambda w: w.reshape(-1))
+      sd[g + 'bias2'] = heads('{}.{}.2.bias', lambda b: b.reshape(()))
+    else:                                       # per head Linear(d, 1)
+      sd[g + 'kernel'] = heads('{}.{}.weight', lambda w: w.reshape(-1))
+      sd[g + 'bias'] = heads('{}.{}.bias', lambda b: b.reshape(()))
+  return used
+
+
+def export_warning(cfg: mcfg.ModelConfig) -> str | None:
+  """The warning an HF export of a gated / clipped model carries (None for vanilla models)."""
+  what = []
+  if cfg.gate != 'none':
+    what.append(f'gates ({cfg.gate})')
+  gamma, zeta = cfg.clip_gamma_zeta
+  if (gamma, zeta) != (0.0, 1.0):
+    what.append(f'clipped softmax (gamma={gamma:g}, zeta={zeta:g})')
+  if not what:
+    return None
+  return (f'transformers will load this model WITHOUT its {" and ".join(what)}: its '
+          'from_pretrained ignores them and computes a different function. Use oqt_jax '
+          '(hf.load; models.generate or eval.py --prompt for text generation).')
+
+
 # ---------------------------------------------------------------- public API --------------
 def load(path, *, rng=None, **overrides) -> tuple[nn.Module, dict]:
   """Load an HF BERT/OPT checkpoint dir (or hub name) as (Flax model, {'params': ...}).
@@ -328,16 +414,24 @@ def load(path, *, rng=None, **overrides) -> tuple[nn.Module, dict]:
   cfg = config_from_hf(hf_cfg, **overrides)
   model = (Bert if cfg.model_type == 'bert' else Opt)(cfg)
   sd = _normalise_keys(read_state_dict(ckpt_dir))
+  original_gates = convert_original_gates(sd, cfg, ckpt_dir)
+  # A gate the checkpoint's own config declares must be in it; a gate switched on at load
+  # time (for fine-tuning) starts fresh.
+  declared_gate = (hf_cfg.get('oqt_jax') or {}).get('gate', 'none') not in ('none', None)
 
   rng = jax.random.PRNGKey(0) if rng is None else rng
   ids = jnp.zeros((1, 4), jnp.int32)
   init_fn = lambda r: nn.meta.unbox(model.init({'params': r, 'dropout': r}, ids)['params'])
   shapes = jax.eval_shape(init_fn, rng)
-  params, missing, used = {}, [], set()
+  params, missing, used = {}, [], set(original_gates)
+  missing_gates = []
   for fpath, key, transpose in param_map(cfg):
     name = _hf_name(cfg, key, prefixed=False)
     expect = _get(shapes, fpath).shape
     if name not in sd:
+      if 'gate' in fpath and declared_gate:
+        missing_gates.append(name)
+        continue
       if _is_optional(fpath, cfg, ckpt_head):
         missing.append(fpath)
         continue
@@ -351,6 +445,11 @@ def load(path, *, rng=None, **overrides) -> tuple[nn.Module, dict]:
                             f'the model expects {expect if not transpose else expect[::-1]}')
     _set(params, fpath, jnp.asarray(arr))
     used.add(name)
+  if missing_gates:
+    raise CheckpointError(
+        f'{ckpt_dir}: config.json declares gate={cfg.gate!r} but the checkpoint lacks its '
+        f'tensors ({len(missing_gates)} missing: {", ".join(missing_gates[:3])}'
+        f'{", ..." if len(missing_gates) > 3 else ""})')
   if missing:
     fresh = jax.jit(init_fn)(rng)
     for fpath in missing:
@@ -383,8 +482,11 @@ def save(model: nn.Module, variables: dict, out_dir, tokenizer=None) -> str:
     json.dump(config_to_hf(cfg), fh, indent=2, sort_keys=True)
   if tokenizer is not None:
     tokenizer.save_pretrained(out_dir)
+  warning = export_warning(cfg)
+  if warning:
+    print(f'WARNING: {out_dir}: {warning}', file=sys.stderr, flush=True)
   return out_dir
 
 
-__all__ = ['load', 'save', 'config_from_hf', 'config_to_hf', 'param_map', 'read_state_dict',
-           'POSITION_OFFSET']
+__all__ = ['load', 'save', 'config_from_hf', 'config_to_hf', 'convert_original_gates',
+           'export_warning', 'param_map', 'read_state_dict', 'POSITION_OFFSET']

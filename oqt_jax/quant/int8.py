@@ -7,7 +7,9 @@ int8 operands, emitted by `aqt_flax.AqtDotGeneral`), then rescales to float:
   y = (round(clip(x / s_x, -127, 127)) @ round(W_q / s_w)) * s_x * s_w
 
 - the weight W_q is the fake-quantized kernel (symmetric, per tensor or per output channel);
-  s_w is its quantizer's scale, so W_q / s_w are exactly its integer codes;
+  s_w is its quantizer's scale, so W_q / s_w are exactly its integer codes, on the same signed
+  8-bit grid [-128, 127] as the fake-quant path (weights clipped below the range keep the
+  code -128: nothing re-clips them to -127);
 - the input x is re-gridded onto a symmetric int8 grid with a *static* scale
   s_x = max(|x_min|, |x_max|) / 127 from the range of the Dense input calibrated with the
   activation estimator (padding masked) during `quant.calibrate` ('in_<point>' state). The
@@ -33,13 +35,21 @@ from oqt_jax.quant import estimators, quantizers
 INT8_MAX = 127.0
 
 
+INT8_MIN = -128.0
+
+
 @functools.lru_cache(maxsize=None)
 def _aqt_config():
+  import dataclasses
   from aqt.jax.v2 import config as aqt_config
   cfg = aqt_config.fully_quantized(fwd_bits=8, bwd_bits=8, use_stochastic_rounding=False)
   # Symmetric int8 numerics have a quantization bound of 127.5 (values clip to +-127):
   # a constant bound of 127.5 gives a scale of exactly 1 for pre-scaled operands.
   aqt_config.set_constant_calibration(cfg, bound=127.5)
+  # The weight operand (rhs) already holds integer codes in [-128, 127] (the fake-quant grid):
+  # round only, no clip, so -128 stays -128 as in the fake-quant path.
+  rhs = cfg.fwd.dg_quantizer.rhs
+  rhs.numerics = dataclasses.replace(rhs.numerics, clip=False)
   return cfg
 
 
@@ -52,7 +62,7 @@ def _aqt_dot(module, name, xi, wi, dims):
 
 def _fake_dot(xi, wi, dims):
   xq = jnp.round(jnp.clip(xi, -INT8_MAX, INT8_MAX))
-  wq = jnp.round(jnp.clip(wi, -INT8_MAX, INT8_MAX))
+  wq = jnp.round(jnp.clip(wi, INT8_MIN, INT8_MAX))
   return jax.lax.dot_general(xq, wq, dims, precision=jax.lax.Precision.HIGHEST)
 
 
