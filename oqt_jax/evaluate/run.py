@@ -145,6 +145,23 @@ def sync_config(config, model, model_path: Optional[str]):
   return config
 
 
+def _run_tokenizer(config, workdir):
+  """No tokenizer beside the model (an Orbax checkpoint of a fine-tuning run): use the one the
+  run recorded in workdir/config.json (e.g. its init_from's), rather than training one."""
+  if config.data.get('tokenizer', '') or not workdir:
+    return config
+  try:
+    with open(os.path.join(workdir, 'config.json')) as fh:
+      tok = json.load(fh).get('data', {}).get('tokenizer', '')
+  except (OSError, json.JSONDecodeError, AttributeError):
+    return config
+  if tok:
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+      config.data.tokenizer = tok
+  return config
+
+
 def datasets(config, workdir, calib: bool):
   from oqt_jax import data
   tok = data.get_tokenizer(config, workdir)
@@ -348,6 +365,7 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: Optional[str], *,
     raise ConfigError('--workdir: needed to write eval_metrics.json (or give out_dir)')
   model, variables, source = load_model(config, workdir, hf_model)
   config = sync_config(config, model, source)
+  config = _run_tokenizer(config, workdir)
   check_finite_params(variables, source)
   if quantize:
     check_quant_for_model(config, model, variables)
