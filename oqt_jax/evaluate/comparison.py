@@ -107,7 +107,8 @@ def bar_plot(report: dict, path: str) -> str:
   names = [r['name'] for r in rows]
   vals = [r['metric'] for r in rows]
   colors = ['tab:gray' if n == 'fp' else 'tab:blue' for n in names]
-  ax.bar(range(len(rows)), vals, color=colors)
+  bars = ax.bar(range(len(rows)), vals, color=colors)
+  ax.bar_label(bars, labels=[f'{v:.4g}' for v in vals], fontsize=7)
   ax.set_xticks(range(len(rows)))
   ax.set_xticklabels(names, rotation=35, ha='right', fontsize=8)
   fp = next((r['metric'] for r in rows if r['name'] == 'fp'), None)

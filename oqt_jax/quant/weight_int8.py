@@ -28,6 +28,7 @@ whose weights are quantized to some bit width (for comparing methods).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, Optional
 
 import flax
@@ -114,8 +115,30 @@ def _dummy_inputs(model):
 
 def weight_sites(model, variables) -> list[WeightSite]:
   """Every parameter the model reads through its weight hook (traced once, no compute)."""
+  shapes = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype),
+                                  variables['params'])
+  return list(_weight_sites(model.clone(quant=None), _Frozen(shapes)))
+
+
+class _Frozen:
+  """A hashable wrapper of a params shape tree (the cache key of _weight_sites)."""
+
+  def __init__(self, tree):
+    self.tree = tree
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    self._key = (treedef, tuple((l.shape, str(l.dtype)) for l in leaves))
+
+  def __hash__(self):
+    return hash(self._key)
+
+  def __eq__(self, other):
+    return isinstance(other, _Frozen) and self._key == other._key
+
+
+@functools.lru_cache(maxsize=16)
+def _weight_sites(model, shapes: _Frozen) -> tuple[WeightSite, ...]:
   probe = _Probe()
-  params = {'params': variables['params']}
+  params = {'params': shapes.tree}
   jax.eval_shape(lambda v: model.clone(quant=probe).apply(v, **_dummy_inputs(model)), params)
   sites: dict[tuple, WeightSite] = {}
   for mpath, cls, point in probe.seen:
@@ -129,7 +152,7 @@ def weight_sites(model, variables) -> list[WeightSite]:
         sites[path] = dataclasses.replace(s, points=s.points + (point,))
     else:
       sites[path] = WeightSite(path, (point,), kind, ch)
-  return list(sites.values())
+  return tuple(sites.values())
 
 
 # ---- weight-only int8 --------------------------------------------------------------------------
