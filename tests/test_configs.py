@@ -63,8 +63,13 @@ def _gate_param_count(cfg):
       per_layer = cfg.hidden_size * h + h
     elif cfg.gate_mlp:
       per_layer = h * (d * (d // 4) + d // 4 + d // 4 + 1)
+    elif cfg.gate_mlp2:
+      per_layer = h * (d * d + d + d + 1)
+    elif cfg.gate == 'elementwise':
+      per_layer = cfg.hidden_size * h * d + h * d
     else:
       per_layer = h * (d + 1)
+  per_layer += cfg.num_heads if cfg.softmax == 'sink' else 0
   return per_layer * cfg.num_layers
 
 
@@ -94,7 +99,7 @@ def test_recipes_match_the_paper():
   assert (g.gate, g.gate_mlp) == ('conditional_per_token', True)
   o = model_config(load_config_file(os.path.join(ROOT, 'configs', 'opt_350m_gated_attention.py')))
   assert (o.gate, o.gate_init, o.do_layer_norm_before, o.embed_dim) == (
-      'conditional_per_token', 0.25, False, 512)
+      'conditional_per_token', 0.25, True, 768)
   big = model_config(load_config_file(os.path.join(ROOT, 'configs', 'opt_1.3b_gated_attention.py')))
   assert big.gate_linear_all_features
 

@@ -54,6 +54,11 @@ def task_params(data_config) -> dict:
   """The validated task knobs of `data_config.synthetic` (ConfigError naming the field)."""
   s = data_config.get('synthetic', None) if hasattr(data_config, 'get') else None
   s = {} if s is None else s
+  known = {f[0] for f in FIELDS} | {'trigger_prob'}
+  unknown = sorted(set(s.keys()) - known)
+  if unknown:
+    raise ConfigError(f'data.synthetic.{unknown[0]}: unknown field (known: '
+                      f'{", ".join(sorted(known))})')
   out = {name: _field(s, name, low, default) for name, low, default in FIELDS}
   p = s.get('trigger_prob', DEFAULT_TRIGGER_PROB)
   if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 < p < 1.0:

@@ -200,7 +200,8 @@ class MultiHeadAttention(nn.Module):
       gamma, zeta = cfg.clip_gamma_zeta
       probs = clipped_softmax(scores, gamma, zeta)
     probs = constrain(probs, SCORE_AXES)
-    self.sow('attention', 'probs', probs)   # only kept when 'attention' is mutable
+    if not self.is_initializing() and self.is_mutable_collection('attention'):
+      self.sow('attention', 'probs', probs)   # apply(..., mutable=['attention']) reads them
     probs = qact(q, self, f'p{i}', probs, tok_mask)
     probs = nn.Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
     context = constrain(jnp.einsum('bhqk,bhkd->bhqd', probs.astype(value.dtype), value,
