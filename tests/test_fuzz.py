@@ -237,3 +237,27 @@ def test_hf_model_dir_without_config_json(tmp_path):
     run.evaluate_run(c, str(tmp_path / 'out'), hf_model=str(tmp_path))
   with pytest.raises(CheckpointError, match='no such directory'):
     run.evaluate_run(c, str(tmp_path / 'out'), hf_model=str(tmp_path / 'missing'))
+
+
+def test_quant_settings_that_fail_on_the_model_are_checked_first(tiny):
+  """Before any batch is evaluated: PEG groups must divide each grouped point's width, points
+  must exist for this model type (the message lists only its points) and layer indices must
+  exist."""
+  model, variables = tiny
+  c = base.get_config()
+  c.quant.quant_dict = "{'h': 'ng5'}"         # h is 16 wide
+  with pytest.raises(ConfigError, match="^quant.quant_dict: point 'h0' has 16 dims, not "
+                                        "divisible into 5 groups"):
+    run.check_quant_for_model(c, model, variables)
+  c.quant.quant_dict = "{'f': 'ngp8', 'h': 'ng4', 'wq0': 4}"
+  run.check_quant_for_model(c, model, variables)
+  c.quant.quant_dict = "{'z': 8}"            # a BERT point
+  with pytest.raises(ConfigError) as e:
+    run.check_quant_for_model(c, model, variables)
+  known = str(e.value).split('(known: ')[1].split(', per-layer')[0].split(', ')
+  assert str(e.value).startswith("quant.quant_dict: unknown point 'z' for opt")
+  assert sorted(known) == sorted(set().union(*run.model_points('opt')))
+  assert 'z' not in known and 'Mln' not in known and 'a' in known and 'fln' in known
+  c.quant.quant_dict = "{'h3': 8}"
+  with pytest.raises(ConfigError, match="point 'h3': the opt model has 1 layers"):
+    run.check_quant_for_model(c, model, variables)
