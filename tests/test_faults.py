@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -276,8 +277,8 @@ def test_eval_reports_nonfinite_parameters(tmp_path, seed_dir):
 
 
 # ----------------------------------------------------------------------------- command line
-@pytest.fixture
-def cli_flags():
+def _flag_values():
+  """Fresh flags like train.py's (ml_collections registers overrides on the FlagValues)."""
   from absl import flags
   from ml_collections import config_flags
   fv = flags.FlagValues()
@@ -286,35 +287,41 @@ def cli_flags():
   return fv
 
 
-def _cli_error(fv, capsys, *args):
+def _parse(argv, fv):
+  with mock.patch.object(sys, 'argv', argv):   # ml_collections reads overrides from sys.argv
+    return parse_cli_flags(argv, fv)
+
+
+def _cli_error(capsys, *args):
   with pytest.raises(SystemExit) as e:
-    parse_cli_flags(['prog', *args], fv)
+    _parse(['prog', *args], _flag_values())
   assert e.value.code == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith('error: '), err
   return err[0]
 
 
-def test_cli_mistakes_are_one_line(cli_flags, capsys, tmp_path):
+def test_cli_mistakes_are_one_line(capsys, tmp_path):
   nope = str(tmp_path / 'nope.py')
-  assert _cli_error(cli_flags, capsys, f'--config={nope}') == f'error: --config={nope}: no such file'
+  assert _cli_error(capsys, f'--config={nope}') == f'error: --config={nope}: no such file'
   noget = tmp_path / 'noget.py'
   noget.write_text('x = 1\n')
-  assert _cli_error(cli_flags, capsys, '--config', str(noget)) == \
+  assert _cli_error(capsys, '--config', str(noget)) == \
       f'error: --config={noget}: does not define get_config()'
   boom = tmp_path / 'boom.py'
   boom.write_text('def get_config():\n  raise ValueError("boom")\n')
-  assert 'ValueError: boom' in _cli_error(cli_flags, capsys, f'--config={boom}')
-  assert _cli_error(cli_flags, capsys, f'--config={CONFIG}', '--config.num_train_step=2') == \
+  assert 'ValueError: boom' in _cli_error(capsys, f'--config={boom}')
+  assert _cli_error(capsys, f'--config={CONFIG}', '--config.num_train_step=2') == \
       ("error: --config.num_train_step=2: no config field 'num_train_step'; did you mean "
        "'num_train_steps'?")
   assert "did you mean 'model.num_layers'?" in _cli_error(
-      cli_flags, capsys, f'--config={CONFIG}', '--config.model.num_layer=3')
-  assert 'num_train_steps=abc' in _cli_error(cli_flags, capsys, f'--config={CONFIG}',
+      capsys, f'--config={CONFIG}', '--config.model.num_layer=3')
+  assert 'num_train_steps=abc' in _cli_error(capsys, f'--config={CONFIG}',
                                              '--config.num_train_steps=abc')
-  assert "Unknown command line flag 'bogus'" in _cli_error(cli_flags, capsys, '--bogus=1')
-  rest = parse_cli_flags(['prog', f'--config={CONFIG}', '--config.num_train_steps=7'], cli_flags)
-  assert rest == ['prog'] and cli_flags.config.num_train_steps == 7
+  assert "Unknown command line flag 'bogus'" in _cli_error(capsys, '--bogus=1')
+  fv = _flag_values()
+  rest = _parse(['prog', f'--config={CONFIG}', '--config.num_train_steps=7'], fv)
+  assert rest == ['prog'] and fv.config.num_train_steps == 7
 
 
 def test_workdir_that_cannot_be_written(tmp_path):

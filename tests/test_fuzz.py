@@ -7,6 +7,8 @@ Most examples stop at validation (no model is built); the few that run a model r
 jitted function with fixed shapes, so nothing recompiles per example."""
 import math
 import os
+import sys
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -146,7 +148,8 @@ def test_command_line_overrides(over, capsys):
   config_flags.DEFINE_config_file('config', None, 'c', flag_values=fv, lock_config=False)
   argv = ['prog', f'--config={TINY}'] + [f'--config.{k}={v}' for k, v in over.items()]
   try:
-    parse_cli_flags(argv, fv)
+    with mock.patch.object(sys, 'argv', argv):   # ml_collections reads overrides from sys.argv
+      parse_cli_flags(argv, fv)
   except SystemExit as e:
     assert e.code == 2
     err = capsys.readouterr().err.strip().splitlines()
