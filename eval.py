@@ -11,7 +11,7 @@
 Loads --hf_model, or the newest of WORKDIR/hf and WORKDIR/checkpoints. Prints a per-layer
 table and the summary, writes WORKDIR/eval_metrics.json, eval_per_layer.png and
 eval_histogram.png. Exit status 2 with one line `error: ...` on a bad config, data or
-checkpoint.
+checkpoint, or a model with non-finite parameters or loss.
 """
 import sys
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import re
 import sys
@@ -38,14 +39,72 @@ def load_config_file(path: str, overrides: dict | None = None) -> ml_collections
 
 def model_config(config) -> ModelConfig:
   """The validated ModelConfig of an experiment config (compute dtype from config.compute_dtype)."""
+  from oqt_jax.train.config import COMPUTE_DTYPES
+  dt = config.get('compute_dtype', 'float32')
+  if dt not in COMPUTE_DTYPES:
+    raise ConfigError(f'compute_dtype={dt!r}: expected one of {COMPUTE_DTYPES}')
   m = config.model.to_dict()
   if config.get('compute_dtype', 'float32') != 'float32' and m.get('dtype', 'float32') == 'float32':
     m['dtype'] = config.compute_dtype
   return from_config(m)
 
 
+# Fields that take more than their default's type.
+MIXED_TYPES = {'quant.quant_dict': (str, dict)}
+
+
+def _defaults():
+  try:
+    from configs import base
+  except ImportError:   # the package without the repository's configs/
+    return None
+  return base.get_config().to_dict()
+
+
+def check_types(config) -> None:
+  """Every field that configs/base.py defines has its default's type (an int where the default
+  is a float is fine; no NaN / Inf), so the section validators only see well-typed values:
+  ConfigError('section.field=value: expected ...') otherwise."""
+  defaults = _defaults()
+  if defaults is None:
+    return
+  values = config.to_dict() if hasattr(config, 'to_dict') else dict(config)
+
+  def walk(default, value, prefix):
+    for k, d in default.items():
+      if not isinstance(value, dict) or k not in value:
+        continue
+      v, path = value[k], f'{prefix}{k}'
+      if isinstance(d, dict):
+        if not isinstance(v, dict):
+          raise ConfigError(f'{path}={v!r}: expected a section of fields')
+        walk(d, v, path + '.')
+        continue
+      allowed = MIXED_TYPES.get(path)
+      if allowed is not None:
+        if not isinstance(v, allowed):
+          raise ConfigError(f'{path}={v!r}: expected one of the types '
+                            f'{", ".join(t.__name__ for t in allowed)}')
+      elif isinstance(d, bool):
+        if not isinstance(v, bool):
+          raise ConfigError(f'{path}={v!r}: expected True or False')
+      elif isinstance(d, int):
+        if isinstance(v, bool) or not isinstance(v, int):
+          raise ConfigError(f'{path}={v!r}: expected an integer')
+      elif isinstance(d, float):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+          raise ConfigError(f'{path}={v!r}: expected a number')
+        if not math.isfinite(v):
+          raise ConfigError(f'{path}={v!r}: expected a finite number')
+      elif isinstance(d, str):
+        if not isinstance(v, str):
+          raise ConfigError(f'{path}={v!r}: expected a string')
+  walk(defaults, values, '')
+
+
 def validate(config) -> ml_collections.ConfigDict:
   """Validate every section; raises ConfigError('section.field=value: why') on the first problem."""
+  check_types(config)
   model_config(config)
   for module, fn in (('oqt_jax.data', 'validate_data_config'),
                      ('oqt_jax.train.config', 'validate_train_config'),

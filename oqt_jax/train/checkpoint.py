@@ -137,6 +137,10 @@ class Checkpointer:
     return saved
 
   def _save_error(self, step: int, e: BaseException) -> CheckpointError:
+    try:   # an earlier save still in flight: let it finish before naming the one kept
+      self._manager.wait_until_finished()
+    except Exception:
+      pass
     prev = [s for s in self._committed_steps() if s < step]
     kept = (f'the previous checkpoint {self.step_dir(prev[-1])} is kept' if prev
             else 'no earlier checkpoint')
