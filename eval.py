@@ -3,6 +3,8 @@
   python eval.py --config configs/tiny_bert_clipped_softmax.py --workdir runs/tiny_bert
   python eval.py --config configs/opt_125m_gated_attention.py --workdir runs/opt --quantize \
       --config.quant.quant_setup=fp32_head --config.quant.est_num_batches=4
+  python eval.py --config configs/tiny_opt_gated_attention.py --workdir runs/tiny_opt \
+      --prompt "the history of" --max_new_tokens 20 [--temperature 0.8 --top_k 40]
   python eval.py --config configs/bert_base_vanilla.py --workdir out --hf_model /path/to/hf_dir \
       --quantize --config.quant.quant_dict="{'x': 16, 'h': 16, 'y': 16}"
   python eval.py --config configs/tiny_opt_vanilla.py --workdir runs/opt --compare \
@@ -35,6 +37,12 @@ flags.DEFINE_bool('compare', False, 'Compare every quantization method on the sa
                   'WORKDIR/comparison.md, .json, .png (oqt_jax/evaluate/comparison.py).')
 flags.DEFINE_string('methods', None, 'With --compare: comma-separated rows (default all; '
                     'names in oqt_jax/quant/methods/compare.py).')
+flags.DEFINE_string('prompt', None, 'OPT models: print a continuation of this text (KV-cache '
+                    'generation with the run\'s tokenizer) instead of evaluating; with '
+                    '--quantize the calibrated model generates.')
+flags.DEFINE_integer('max_new_tokens', 20, '--prompt: tokens to generate.')
+flags.DEFINE_float('temperature', 0.0, '--prompt: 0 = greedy, > 0 = sampling temperature.')
+flags.DEFINE_integer('top_k', 0, '--prompt: sample among the top k tokens (0 = all).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -45,7 +53,12 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   from oqt_jax.errors import CheckpointError, ConfigError, DataError
   try:
-    from oqt_jax.evaluate.run import evaluate_run
+    from oqt_jax.evaluate.run import evaluate_run, generate_text
+    if FLAGS.prompt is not None:
+      generate_text(FLAGS.config, FLAGS.workdir, FLAGS.prompt, hf_model=FLAGS.hf_model,
+                    max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
+                    top_k=FLAGS.top_k, quantize=FLAGS.quantize, progress=FLAGS.progress)
+      return
     if FLAGS.compare or FLAGS.methods:
       from oqt_jax.evaluate.comparison import compare_run
       compare_run(FLAGS.config, FLAGS.workdir, methods=FLAGS.methods, hf_model=FLAGS.hf_model,

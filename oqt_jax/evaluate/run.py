@@ -448,3 +448,43 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: Optional[str], *,
   _info(f'wrote {path}' + (f' and {", ".join(os.path.basename(f) for f in files)}'
                            if files else ''))
   return result
+
+
+# ---- text generation (eval.py --prompt) ------------------------------------------------------
+def generate_text(config: ml_collections.ConfigDict, workdir: Optional[str], prompt: str, *,
+                  hf_model: Optional[str] = None, max_new_tokens: int = 20,
+                  temperature: float = 0.0, top_k: int = 0, quantize: bool = False,
+                  progress: bool = True) -> str:
+  """Continues `prompt` with the run's OPT model (and tokenizer); prints and returns the
+  continuation. quantize: the model calibrated with config.quant generates."""
+  from oqt_jax import data, quant
+  if quantize:
+    quant.validate_quant_config(config)
+  model, variables, source = load_model(config, workdir, hf_model)
+  config = sync_config(config, model, source)
+  if model.cfg.model_type != 'opt':
+    raise ConfigError(f'--prompt: text generation needs an OPT model, {source} is '
+                      f'{model.cfg.model_type}')
+  tok = data.get_tokenizer(config, workdir)
+  ids = list(tok(prompt)['input_ids'])
+  if not ids:
+    raise ConfigError(f'--prompt={prompt!r}: no tokens')
+  if quantize:
+    qcfg = config.quant
+    _, cal = datasets(config, workdir, calib=True)
+    bs = int(config.get('eval_batch_size', 32))
+    model, variables = quant.calibrate(
+        model, variables, calibration_batches(cal, bs, int(qcfg.est_num_batches)), qcfg,
+        progress=progress)
+  _info(f'generating {max_new_tokens} tokens with {"the quantized " if quantize else ""}'
+        f'model from {source} ({"greedy" if temperature == 0 else f"T={temperature}"}'
+        f'{f", top_k={top_k}" if top_k else ""})')
+  out = models.generate(model, variables, np.asarray([ids], np.int32), max_new_tokens,
+                        temperature=temperature, top_k=top_k, seed=int(config.get('seed', 0)),
+                        eos_token_id=tok.eos_token_id)
+  new = [int(i) for i in np.asarray(out)[0, len(ids):]]
+  if tok.eos_token_id is not None and tok.eos_token_id in new:
+    new = new[:new.index(tok.eos_token_id)]
+  text = tok.decode(new, skip_special_tokens=True)
+  print(text, flush=True)
+  return text

@@ -187,7 +187,11 @@ class MultiHeadAttention(nn.Module):
     scores = jnp.einsum('bhqd,bhkd->bhqk', query, key,
                         preferred_element_type=jnp.float32) * scale
     scores = constrain(scores, SCORE_AXES)
-    scores = qact(q, self, f's{i}', scores, tok_mask)
+    # Statistics mask of s / p: valid queries x valid keys (in decode, the cache's keys).
+    s_mask = tok_mask
+    if decode and tok_mask is not None:
+      s_mask = tok_mask[:, None, :, None] & attn_mask
+    scores = qact(q, self, f's{i}', scores, s_mask)
     scores = jnp.where(attn_mask, scores, jnp.finfo(jnp.float32).min)
     softmax = str(cfg.softmax).strip()
     if softmax == 'softmax1':
@@ -202,7 +206,7 @@ class MultiHeadAttention(nn.Module):
     probs = constrain(probs, SCORE_AXES)
     if not self.is_initializing() and self.is_mutable_collection('attention'):
       self.sow('attention', 'probs', probs)   # apply(..., mutable=['attention']) reads them
-    probs = qact(q, self, f'p{i}', probs, tok_mask)
+    probs = qact(q, self, f'p{i}', probs, s_mask)
     probs = nn.Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
     context = constrain(jnp.einsum('bhqk,bhkd->bhqd', probs.astype(value.dtype), value,
                                    preferred_element_type=jnp.float32), HEAD_AXES)

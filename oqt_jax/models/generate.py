@@ -17,6 +17,9 @@ of the full forward over the sequence so far.
   temperature > 0: sampling from softmax(logits / temperature), restricted to the top_k
   logits when top_k > 0, with jax.random keys from `seed`.
 With eos_token_id, a row that produced it continues with pad_token_id (HF's behaviour).
+A calibrated model with frozen ranges decodes exactly as its full forward; with quant.dynamic
+the activation ranges come from each step's own tokens (and the cache), so they differ from a
+full forward's.
 A gate averaged over the whole sequence (conditional_per_head) is not causal: earlier tokens'
 states change with every new token, so such models cannot use a cache and are refused.
 """

@@ -51,6 +51,8 @@ def token_mask_for(x, mask):
   if mask is None:
     return None
   mask = mask.astype(bool)
+  if mask.ndim == x.ndim and mask.ndim > 2:   # already per entry (broadcastable)
+    return mask
   if x.ndim == 4 and mask.ndim == 2 and x.shape[2] == x.shape[3] == mask.shape[1]:
     return mask[:, None, :, None] & mask[:, None, None, :]
   if x.ndim >= mask.ndim and tuple(x.shape[:mask.ndim]) == tuple(mask.shape):
