@@ -9,6 +9,10 @@
       --quantize --config.quant.quant_dict="{'x': 16, 'h': 16, 'y': 16}"
   python eval.py --config configs/tiny_opt_vanilla.py --workdir runs/opt --compare \
       --methods=fp,w8a8_minmax,llm_int8,weight_only
+  python eval.py --config configs/tiny_opt_vanilla.py --workdir runs/tiny_opt --quantize \
+      --config.quant.n_bits=4 --config.quant.adaround=True      # AdaRound W4A8
+
+A QAT workdir (train.py --config.quant.qat=True) is evaluated with the quantizers it learned.
 
 Loads --hf_model, or the newest of WORKDIR/hf and WORKDIR/checkpoints. Prints a per-layer
 table and the summary, writes WORKDIR/eval_metrics.json, eval_per_layer.png and

@@ -400,9 +400,16 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: Optional[str], *,
     qcfg = config.quant
     _info(f'calibrating on {qcfg.est_num_batches} batches (quant_setup={qcfg.quant_setup}, '
           f'quant_dict={qcfg.quant_dict!r}, int8={qcfg.int8})')
+    from oqt_jax.quant.methods import qat
+    exported = None if qcfg.get('adaround', False) else qat.quantized_from_export(
+        model, variables, source if os.path.isdir(str(source)) else None)
     if qcfg.get('weight_only', False):   # int8 weights, FP activations: no calibration
       qmodel, qvars = quant.weight_only(model, variables)
       _info(weight_only_report(variables, qvars))
+    elif exported is not None:           # a QAT run: the quantizers it learned, no calibration
+      qmodel, qvars, qcfg = exported
+      _info(f'using the quantizers learned by QAT ({os.path.join(source, qat.STATE_FILE)}); '
+            'no calibration')
     elif qcfg.get('adaround', False):   # AdaRound weights (calibration batches + samples)
       n_cal = max(int(qcfg.est_num_batches), -(-int(qcfg.adaround_samples) // bs))
       qmodel, qvars = quant.adaround(

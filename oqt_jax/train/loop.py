@@ -459,8 +459,9 @@ def _restore(ckpt, target, qat_on):
 def _start_qat(model, config, state, shardings, train_ds, global_rows, mesh):
   """Calibrate the ranges on est_num_batches train batches and add them to the state."""
   n = int(config.quant.est_num_batches)
-  batches = [{k: v[0] for k, v in host_batch(train_ds, i, global_rows, 1).items()}
-             for i in range(n)]
+  # The whole global batch on every process: all processes calibrate identical ranges.
+  batches = [{k: np.asarray(v) for k, v in train_ds.batch(i, global_rows).items()
+              if np.ndim(v)} for i in range(n)]
   quant = qat.calibrate_ranges(model, shd.to_host(state.params), batches, config)
   _info(f'QAT: ranges calibrated on {n} train batches (learn_ranges='
         f'{qat.learn_ranges(config)!r})')

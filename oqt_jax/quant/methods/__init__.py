@@ -4,6 +4,8 @@
   migration            moving a per-channel factor out of a LayerNorm (Gamma Migration, SmoothQuant)
   outlier_suppression  Gamma Migration, Token-Wise Clipping (Outlier Suppression, NeurIPS 2022)
   smoothquant          SmoothQuant's activation-to-weight scale migration
+  adaround             AdaRound: learned rounding of 4-bit weights, layer by layer (quant.adaround)
+  qat                  quantization-aware training: the range state in the train state (train.py)
   llm_int8             LLM.int8() (vector-wise int8 matmuls, outlier dims in FP); weight-only int8
   compare              the method table of `eval.py --compare` (named pipelines of the above)
 

@@ -24,7 +24,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from oqt_jax.quant.quantizers import clamp, int_grid, round_ste
+from oqt_jax.quant.quantizers import clamp, int_grid, round_ste, true_divide
 
 
 @jax.custom_vjp
@@ -93,7 +93,8 @@ def lsq_affine_quantize(x, scale, zero_point, q_min, q_max, g):
   s = gradient_scale(scale, g)
   z = clamp(round_ste(gradient_scale(zero_point, g)), q_min, q_max)
   xf = jnp.asarray(x, jnp.float32)
-  out = (clamp(round_ste(xf / s + z), q_min, q_max) - z) * s
+  # true division (quantizers.true_divide): the same integers as the calibrated quantizer
+  out = (clamp(round_ste(true_divide(xf, s) + z), q_min, q_max) - z) * s
   return out.astype(x.dtype)
 
 
