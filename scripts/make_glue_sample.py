@@ -2,8 +2,9 @@
 
   python scripts/make_glue_sample.py OUT_DIR
 
-OUT_DIR/cola/{train,dev}.tsv   word order ("CoLA" format, no header): label 1 = a sentence of
-                                the corpus as written, 0 = the same words in a random order.
+OUT_DIR/cola/{train,dev}.tsv   acceptability ("CoLA" format, no header): label 1 = a sentence of
+                                the corpus as written, 0 = the sentence with three of its words
+                                replaced by random words of other sentences.
 OUT_DIR/mrpc/{train,dev}.tsv   paraphrase ("MRPC" format): label 1 = the sentence with two
                                 words dropped, 0 = the next sentence of the same paragraph.
 
@@ -40,23 +41,26 @@ def _is_dev(s: str) -> bool:
 
 
 def write_tasks(out_dir: str, seed: int = 0):
-  rng = np.random.default_rng(seed)
+  rng_cola = np.random.default_rng((seed, 0))     # one stream per task: each task's files do
+  rng_mrpc = np.random.default_rng((seed, 1))     # not depend on how the other is made
   sents = corpus_sentences()
   rows = {'cola': {'train': [], 'dev': []}, 'mrpc': {'train': [], 'dev': []}}
   for i, (p, s) in enumerate(sents):
     split = 'dev' if _is_dev(s) else 'train'
     words = s.split()
-    perm = rng.permutation(len(words))
-    while (perm == np.arange(len(words))).all():
-      perm = rng.permutation(len(words))
+    bad = list(words)
+    for j in rng_cola.choice(len(words), 3, replace=False):
+      other = sents[rng_cola.integers(len(sents))][1].split()
+      bad[j] = other[rng_cola.integers(len(other))]
     rows['cola'][split].append(f'corpus\t1\t\t{s}')
-    rows['cola'][split].append(f'corpus\t0\t*\t{" ".join(words[j] for j in perm)}')
-    drop = set(rng.choice(len(words), 2, replace=False).tolist())
+    rows['cola'][split].append(f'corpus\t0\t*\t{" ".join(bad)}')
+    drop = set(rng_mrpc.choice(len(words), 2, replace=False).tolist())
     short = ' '.join(w for j, w in enumerate(words) if j not in drop)
     rows['mrpc'][split].append(f'1\t{2 * i}\t{2 * i + 1}\t{s}\t{short}')
     if i + 1 < len(sents) and sents[i + 1][0] == p:
       rows['mrpc'][split].append(f'0\t{2 * i}\t{2 * i + 2}\t{s}\t{sents[i + 1][1]}')
   for task, splits in rows.items():
+    rng = rng_cola if task == 'cola' else rng_mrpc
     folder = os.path.join(out_dir, task)
     os.makedirs(folder, exist_ok=True)
     for split, lines in splits.items():

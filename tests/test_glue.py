@@ -285,6 +285,12 @@ def test_cls_predictions_match_torch(tmp_path):
                                                            logits[keep].argmax(-1)))
   jl, _ = glue_eval.predict(model, variables, batches)
   np.testing.assert_allclose(jl, logits, atol=1e-4)
+  # eval.py's report: MNLI matched at the top level, mismatched under its split name.
+  from oqt_jax.evaluate import run
+  _write(folder / 'dev_mismatched.tsv', [header] + rows)
+  rep = run.glue_report(model, variables, c, run.glue_datasets(c, None, ds), 4)
+  assert rep['accuracy'] == m['accuracy'] and rep['num_examples'] == 9
+  assert rep['validation_mismatched']['num_examples'] == 3
 
 
 # --------------------------------------------------------------------------- end to end
