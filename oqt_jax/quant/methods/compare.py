@@ -15,7 +15,7 @@ default, the user's overrides included); a row changes only what defines its met
                    of the hidden size <= 6 when 6 does not divide it (tiny models)
   w8a16            W8A{8,16}: x, h and y at 16 bits
   gamma_twc        Gamma Migration, then Token-Wise Clipping (Outlier Suppression)
-  smoothquant      SmoothQuant (alpha 0.5), then W8A8 calibration
+  smoothquant      SmoothQuant (alpha quant.smoothquant_alpha, default 0.5), then W8A8
   llm_int8         LLM.int8() on every Dense layer (threshold quant.llm_int8_threshold)
   weight_only      int8 weights (absmax per output channel), FP activations
   adaround_w4a8    AdaRound 4-bit weights, 8-bit activations (ADAROUND_ITERS iterations)
@@ -144,8 +144,9 @@ def run_method(name: str, model, variables, batches: list, qcfg) -> tuple[Any, A
     qmodel, qvars = _quant_fn('token_wise_clipping')(m2, v2, batches, qcfg)
     return qmodel, qvars, dict(label=label, qcfg=qcfg)
   if name == 'smoothquant':
-    m2, v2 = _quant_fn('smoothquant')(model, variables, batches, alpha=SMOOTHQUANT_ALPHA)
-    return _calibrated(m2, v2, batches, qcfg, label)
+    alpha = float(qcfg.get('smoothquant_alpha', SMOOTHQUANT_ALPHA))
+    m2, v2 = _quant_fn('smoothquant')(model, variables, batches, alpha=alpha)
+    return _calibrated(m2, v2, batches, qcfg, label.replace(str(SMOOTHQUANT_ALPHA), f'{alpha:g}'))
   if name == 'llm_int8':
     t = float(qcfg.get('llm_int8_threshold', int8_method.DEFAULT_THRESHOLD))
     qmodel, qvars = int8_method.llm_int8(model, variables, t)
