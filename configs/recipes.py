@@ -149,7 +149,7 @@ def bigram_backcopy(c):
   m.softmax_T = 64
   c.data.source, c.data.tokenizer = 'synthetic', ''
   c.data.synthetic.seq_length = 64
-  c.num_train_steps, c.warmup_steps, c.learning_rate, c.lr_schedule = 2000, 100, 1e-3, 'constant'
+  c.num_train_steps, c.warmup_steps, c.learning_rate, c.lr_schedule = 2000, 100, 3e-3, 'constant'
   c.per_device_batch_size, c.gradient_accumulation_steps, c.eval_batch_size = 32, 1, 64
   c.global_batch_size = 32
   c.weight_decay, c.decay_layer_norm = 0.0, False

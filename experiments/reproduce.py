@@ -56,7 +56,7 @@ MODES = {
     'smoke': dict(variants=('vanilla', 'clipped_softmax'), num_train_steps=20, hidden_size=32,
                   num_layers=1, num_heads=2, intermediate_size=64, seq_length=32,
                   batch=8, eval_batches=1, eval_batch_size=8, est_num_batches=1),
-    'quick': dict(variants=tuple(VARIANTS), num_train_steps=1200),
+    'quick': dict(variants=tuple(VARIANTS), num_train_steps=1000),
     'full': dict(variants=tuple(VARIANTS), num_train_steps=6000),
 }
 
@@ -260,12 +260,20 @@ def main(argv=None) -> int:
                   ', '.join(VARIANTS))
   ap.add_argument('--steps', type=int, default=0, help='override the number of training steps')
   ap.add_argument('--progress', action='store_true', help='show training progress bars')
+  ap.add_argument('--report', action='store_true',
+                  help='only rewrite results.md and the plots from DIR/results.json')
   args = ap.parse_args(argv)
   mode = 'smoke' if args.smoke else 'quick' if args.quick else 'full'
   variants = tuple(v for v in args.variants.split(',') if v) or MODES[mode]['variants']
   overrides = {'num_train_steps': args.steps} if args.steps > 0 else {}
   out = os.path.abspath(args.out)
   os.makedirs(out, exist_ok=True)
+  if args.report:
+    with open(os.path.join(out, 'results.json')) as fh:
+      rows = json.load(fh)
+    print(write_markdown(rows, os.path.join(out, 'results.md'), mode))
+    write_plots(rows, out)
+    return 0
   rows = []
   from tqdm import tqdm
   for v in tqdm(variants, desc=f'variants ({mode})', file=sys.stderr):
