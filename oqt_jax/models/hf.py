@@ -8,8 +8,10 @@
 Supported architectures: BertModel, BertForMaskedLM, BertForPreTraining (MLM part),
 BertForSequenceClassification, OPTModel, OPTForCausalLM. Attention variants can be switched on
 when loading (`softmax='clipped(-.025:1)'`, `gate='conditional_per_token'`, `fine_tuning=True`,
-...): parameters the checkpoint lacks (gates, a newly requested head) are freshly initialised,
-every other tensor must be present with the right shape or loading fails naming it.
+...): parameters the checkpoint lacks because they are switched on here (gates, a newly
+requested head) are freshly initialised; every other tensor, including the gates of a gate the
+checkpoint's config.json declares, must be present with the right shape or loading fails
+naming it.
 Variant settings are stored in config.json under "oqt_jax" and gate tensors under
 '<layer>.attention.self.gate.*' / '<layer>.self_attn.gate.*', which transformers ignores
 (`save` says so on stderr: transformers runs such a model without its gates and clipping;
