@@ -5,6 +5,7 @@
       --config.quant.quant_setup=fp32_head --config.quant.est_num_batches=4
   python eval.py --config configs/bert_base_vanilla.py --workdir out --hf_model /path/to/hf_dir \
       --quantize --config.quant.quant_dict="{'x': 16, 'h': 16, 'y': 16}"
+  python eval.py --config configs/glue/rte.py --workdir runs/rte --quantize   # + GLUE task metrics
 
 Loads --hf_model, or the newest of WORKDIR/hf and WORKDIR/checkpoints. Prints a per-layer
 table and the summary, writes WORKDIR/eval_metrics.json, eval_per_layer.png and
