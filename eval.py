@@ -13,6 +13,7 @@
       --config.quant.n_bits=4 --config.quant.adaround=True      # AdaRound W4A8
 
 A QAT workdir (train.py --config.quant.qat=True) is evaluated with the quantizers it learned.
+  python eval.py --config configs/glue/rte.py --workdir runs/rte --quantize   # + GLUE task metrics
 
 Loads --hf_model, or the newest of WORKDIR/hf and WORKDIR/checkpoints. Prints a per-layer
 table and the summary, writes WORKDIR/eval_metrics.json, eval_per_layer.png and
