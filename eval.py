@@ -5,6 +5,13 @@
       --config.quant.quant_setup=fp32_head --config.quant.est_num_batches=4
   python eval.py --config configs/bert_base_vanilla.py --workdir out --hf_model /path/to/hf_dir \
       --quantize --config.quant.quant_dict="{'x': 16, 'h': 16, 'y': 16}"
+  python eval.py --config configs/tiny_bert_vanilla.py --workdir runs/tiny_bert \
+      --config.quant.method=outlier_suppression      # Gamma Migration + Token-Wise Clipping
+
+--config.quant.method (implies --quantize) picks the quantization method of
+oqt_jax.quant.methods ('' = plain calibration, outlier_suppression, smoothquant, ...); a
+method's preset (e.g. W6A6 per-channel weights, 256 calibration samples for
+outlier_suppression) fills every quant field not given on the command line.
 
 Loads --hf_model, or the newest of WORKDIR/hf and WORKDIR/checkpoints. Prints a per-layer
 table and the summary, writes WORKDIR/eval_metrics.json, eval_per_layer.png and
@@ -32,6 +39,12 @@ flags.DEFINE_bool('progress', True, 'Show a tqdm progress bar.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+def _explicit_quant_fields(args):
+  """The config.quant fields set on the command line (--config.quant.NAME[=VALUE])."""
+  prefix = '--config.quant.'
+  return [a[len(prefix):].split('=', 1)[0] for a in args if a.startswith(prefix)]
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
@@ -40,9 +53,11 @@ def main(argv):
   from oqt_jax.errors import CheckpointError, ConfigError, DataError
   try:
     from oqt_jax.evaluate.run import evaluate_run
-    evaluate_run(FLAGS.config, FLAGS.workdir, quantize=FLAGS.quantize, hf_model=FLAGS.hf_model,
-                 num_batches=FLAGS.num_batches, batch_size=FLAGS.batch_size,
-                 plots_on=FLAGS.plots, progress=FLAGS.progress)
+    method = FLAGS.config.get('quant', {}).get('method', '')
+    evaluate_run(FLAGS.config, FLAGS.workdir, quantize=FLAGS.quantize or bool(method),
+                 hf_model=FLAGS.hf_model, num_batches=FLAGS.num_batches,
+                 batch_size=FLAGS.batch_size, plots_on=FLAGS.plots, progress=FLAGS.progress,
+                 explicit_quant=_explicit_quant_fields(sys.argv[1:]))
   except (ConfigError, DataError, CheckpointError) as e:
     print(f'error: {" ".join(str(e).split())}', file=sys.stderr, flush=True)
     sys.exit(2)
