@@ -36,14 +36,17 @@ _apply = jax.jit(lambda m, v, b: m.apply(v, b['input_ids'], attention_mask=b['at
                                          mutable=['intermediates']), static_argnums=0)
 
 
-def _planted(model_type, big=30.0):
-  """Random model with two large-gamma dims in every LayerNorm: LN-output channel outliers."""
+def _planted(model_type, big=40.0):
+  """Random model with two large-gamma dims in every LayerNorm (LN-output channel outliers)
+  whose rows in the next Linears are as small."""
   model = models.build(_cfg(model_type))
   variables = models.init_variables(model, jax.random.PRNGKey(0), seq_len=SEQ)
   p = jax.tree_util.tree_map(np.array, variables['params'])
-  for ln_path, _ in migration.ln_consumers(model.cfg):
+  for ln_path, consumers in migration.ln_consumers(model.cfg):
     ln = migration._get(p, ln_path)
     ln['scale'][[2, 9]] = big
+    for c in consumers:   # as in LLMs: the outlier channels meet small weights
+      migration._get(p, c)['kernel'][[2, 9], :] /= big
   return model, {'params': p}
 
 
