@@ -14,6 +14,13 @@
 
 A QAT workdir (train.py --config.quant.qat=True) is evaluated with the quantizers it learned.
   python eval.py --config configs/glue/rte.py --workdir runs/rte --quantize   # + GLUE task metrics
+  python eval.py --config configs/tiny_bert_vanilla.py --workdir runs/tiny_bert \
+      --config.quant.method=outlier_suppression      # Gamma Migration + Token-Wise Clipping
+
+--config.quant.method (implies --quantize) picks the quantization method of
+oqt_jax.quant.methods ('' = plain calibration, outlier_suppression, smoothquant, ...); a
+method's preset (e.g. W6A6 per-channel weights, 256 calibration samples for
+outlier_suppression) fills every quant field not given on the command line.
 
 Loads --hf_model, or the newest of WORKDIR/hf and WORKDIR/checkpoints. Prints a per-layer
 table and the summary, writes WORKDIR/eval_metrics.json, eval_per_layer.png and
@@ -51,6 +58,12 @@ flags.DEFINE_integer('top_k', 0, '--prompt: sample among the top k tokens (0 = a
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+def _explicit_quant_fields(args):
+  """The config.quant fields set on the command line (--config.quant.NAME[=VALUE])."""
+  prefix = '--config.quant.'
+  return [a[len(prefix):].split('=', 1)[0] for a in args if a.startswith(prefix)]
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
@@ -70,9 +83,11 @@ def main(argv):
                   num_batches=FLAGS.num_batches, batch_size=FLAGS.batch_size,
                   plots_on=FLAGS.plots, progress=FLAGS.progress)
       return
-    evaluate_run(FLAGS.config, FLAGS.workdir, quantize=FLAGS.quantize, hf_model=FLAGS.hf_model,
-                 num_batches=FLAGS.num_batches, batch_size=FLAGS.batch_size,
-                 plots_on=FLAGS.plots, progress=FLAGS.progress)
+    method = FLAGS.config.get('quant', {}).get('method', '')
+    evaluate_run(FLAGS.config, FLAGS.workdir, quantize=FLAGS.quantize or bool(method),
+                 hf_model=FLAGS.hf_model, num_batches=FLAGS.num_batches,
+                 batch_size=FLAGS.batch_size, plots_on=FLAGS.plots, progress=FLAGS.progress,
+                 explicit_quant=_explicit_quant_fields(sys.argv[1:]))
   except (ConfigError, DataError, CheckpointError) as e:
     print(f'error: {" ".join(str(e).split())}', file=sys.stderr, flush=True)
     sys.exit(2)

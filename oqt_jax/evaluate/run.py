@@ -11,7 +11,7 @@ import logging
 import math
 import os
 import sys
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import jax
 import ml_collections
@@ -350,8 +350,13 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: Optional[str], *,
                  quantize: bool = False, hf_model: Optional[str] = None,
                  num_batches: Optional[int] = None, batch_size: Optional[int] = None,
                  out_dir: Optional[str] = None, plots_on: bool = True,
-                 progress: bool = True) -> dict[str, Any]:
-  """Evaluate FP (and with `quantize` the calibrated quantized model); write metrics + plots."""
+                 progress: bool = True, explicit_quant: Sequence[str] = ()) -> dict[str, Any]:
+  """Evaluate FP (and with `quantize` the calibrated quantized model); write metrics + plots.
+
+  The quantized model comes from the method config.quant.method ('' = plain calibration;
+  oqt_jax.quant.methods.METHODS); the method's preset (the original's bits, granularity,
+  calibration samples) fills the quant fields not named in `explicit_quant`.
+  """
   from oqt_jax import quant
   for flag, v in (('--num_batches', num_batches), ('--batch_size', batch_size)):
     if v is not None and v < 1:
@@ -397,8 +402,12 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: Optional[str], *,
 
   q = q_first = None
   if quantize:
-    qcfg = config.quant
-    _info(f'calibrating on {qcfg.est_num_batches} batches (quant_setup={qcfg.quant_setup}, '
+    from oqt_jax.quant import methods
+    method = config.quant.get('method', '')
+    qcfg = methods.with_preset(config.quant, method, explicit_quant, batch_size=bs)
+    quant.validate_quant_config(qcfg)
+    _info(f'calibrating on {qcfg.est_num_batches} batches (method={method or "calibrate"}, '
+          f'W{qcfg.n_bits}A{qcfg.n_bits_act}, quant_setup={qcfg.quant_setup}, '
           f'quant_dict={qcfg.quant_dict!r}, int8={qcfg.int8})')
     from oqt_jax.quant.methods import qat
     exported = None if qcfg.get('adaround', False) else qat.quantized_from_export(
@@ -416,10 +425,10 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: Optional[str], *,
           model, variables, checked(calibration_batches(cal, bs, n_cal), model,
                                     'calibration batch'), qcfg, progress=progress)
     else:
-      qmodel, qvars = quant.calibrate(
-          model, variables, checked(calibration_batches(cal, bs, int(qcfg.est_num_batches)),
-                                    model, 'calibration batch'), qcfg,
-          progress=progress)
+      qmodel, qvars = methods.run(
+          method, model, variables,
+          checked(calibration_batches(cal, bs, int(qcfg.est_num_batches)), model,
+                  'calibration batch'), qcfg, progress=progress)
     q, q_first = outliers.evaluate(qmodel, qvars, checked(val.eval_batches(bs, nb), model,
                                                           'validation batch'), num_batches=nb,
                                    progress=progress, desc='quantized eval', keep_first=True)

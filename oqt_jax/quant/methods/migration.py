@@ -1,7 +1,7 @@
 """Moving a per-channel factor out of a LayerNorm into the layers that read its output.
 
 Shared by Gamma Migration (outlier_suppression.py: the factor is gamma) and SmoothQuant
-(smoothquant.py: the factor is 1 / s). For a LayerNorm y = gamma * norm(x) + beta and a
+(smoothquant.py: the factor is s). For a LayerNorm y = gamma * norm(x) + beta and a
 per-dim factor f (D,):
 
   LN        scale := gamma / f, bias := beta / f        -> outputs y' = y / f

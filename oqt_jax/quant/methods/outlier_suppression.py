@@ -38,7 +38,8 @@ Token-Wise Clipping (`token_wise_clipping`)
    the same output MSE; weights and everything else stay frozen. The learned (scale,
    rounded zero-point) go back into the 'quant' collection as x_min = -z s, x_max =
    (2^b - 1 - z) s, so the returned model is an ordinary frozen quantized model. The fine
-   result is kept only if it lowers the calibration output MSE of the coarse stage.
+   ranges are evaluated after every epoch (frozen, the calibration output MSE); the best
+   epoch is kept if it beats the coarse stage, else the coarse ranges stay.
    Learned: asymmetric per-tensor points (the original's setting) except the attention
    probabilities; symmetric activation points keep their coarse ranges.
 Statistics are measured on the floating-point model; padding never counts.
@@ -47,6 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import time
 from typing import Any, Iterable
 
 import flax
@@ -57,7 +59,7 @@ import optax
 from flax import traverse_util
 
 from oqt_jax.errors import ConfigError
-from oqt_jax.quant import calibrate as calib
+from oqt_jax.quant.calibrate import calibrate, model_inputs, strip
 from oqt_jax.quant.hooks import COLLECTION, QuantHooks, token_mask_for
 from oqt_jax.quant.methods import lsq, migration
 from oqt_jax.quant.points import split_name, validate_quant_config
@@ -254,8 +256,9 @@ def token_wise_clipping(model, variables, batches: Iterable[Any], qcfg, *,
       (default qcfg.est_num_batches) are used.
     qcfg: quant config (quant.config(...) / config.quant, or a full config):
       twc_fine, twc_lr, twc_epochs drive the fine stage.
-    return_info: also return {'ratio', 'ratios', 'coarse_mse' (per ratio), 'minmax_mse',
-      'fine_mse', 'fine_kept', 'points'}.
+    return_info: also return {'ratio', 'ratios', 'coarse_mse' (per ratio), 'minmax_mse'
+      (ratio 1), 'fine_mse' (of the returned ranges), 'fine_history' (per epoch),
+      'fine_kept', 'points', 'seconds' (per stage)}.
   Returns:
     (qmodel, qvariables) as quant.calibrate (frozen ranges), [+ info].
   """
@@ -265,12 +268,20 @@ def token_wise_clipping(model, variables, batches: Iterable[Any], qcfg, *,
   if qcfg.get('dynamic', False):
     raise ConfigError('quant.dynamic=True: token-wise clipping needs static activation ranges')
   n = int(num_batches or qcfg.get('est_num_batches', 16))
-  cal = [calib.model_inputs(model, b) for b in itertools.islice(iter(batches), n)]
+  cal = [model_inputs(model, b) for b in itertools.islice(iter(batches), n)]
   if not cal:
     raise ValueError('token_wise_clipping: no calibration batches')
-  qmodel, qvars = calib.calibrate(model, variables, cal, qcfg, num_batches=len(cal),
-                                  progress=progress)
-  base = calib.strip(qvars)
+  clock = [time.perf_counter()]
+  seconds = {}
+
+  def lap(name):
+    clock.append(time.perf_counter())
+    seconds[name] = round(clock[-1] - clock[-2], 3)
+
+  qmodel, qvars = calibrate(model, variables, cal, qcfg, num_batches=len(cal),
+                            progress=progress)
+  lap('calibrate')
+  base = strip(qvars)
   rules = qmodel.quant.rules
   hooks = TWCHooks(rules=rules, mode='frozen', int8_backend=qmodel.quant.int8_backend)
   quant_state = qvars[COLLECTION]
@@ -303,6 +314,7 @@ def token_wise_clipping(model, variables, batches: Iterable[Any], qcfg, *,
       lo, hi = np.full_like(lo, lo[0]), np.full_like(hi, hi[0])
     lows[name], highs[name] = np.nan_to_num(lo), np.nan_to_num(hi)
   paths = {k: p for k, p in paths.items() if k in lows}
+  lap('statistics')
 
   q_frozen = model.clone(quant=hooks.with_mode('frozen'))
   lsq_model = model.clone(quant=hooks.with_mode('twc_lsq'))
@@ -331,6 +343,7 @@ def token_wise_clipping(model, variables, batches: Iterable[Any], qcfg, *,
   best = int(np.argmin(coarse))
   quant_state = _set_ranges(quant_state, paths, {k: v[best] for k, v in lows.items()},
                             {k: v[best] for k, v in highs.items()})
+  lap('ratio_search')
   info = dict(ratio=float(ratios[best]), ratios=ratios.tolist(), coarse_mse=coarse,
               minmax_mse=coarse[0], points=sorted(paths), fine_mse=None, fine_kept=False)
 
@@ -339,18 +352,22 @@ def token_wise_clipping(model, variables, batches: Iterable[Any], qcfg, *,
     learn = {k: p for k, p in paths.items()
              if not rules.spec(k).symmetric and split_name(k)[1] != 'p'}
     if learn:
-      quant_state, fine_mse, kept = _fine_stage(
-          lsq_model, q_frozen, fp_model, base, quant_state, learn, rules, cal, coarse[best],
+      quant_state, history, kept = _fine_stage(
+          lsq_model, q_frozen, base, quant_state, learn, rules, cal, coarse[best],
           lr=float(qcfg.get('twc_lr', 1e-5)), epochs=int(qcfg.get('twc_epochs', 3)),
           progress=progress, batch_err=batch_err, mse_of=mse_of)
-      info.update(fine_mse=fine_mse, fine_kept=kept)
+      info.update(fine_mse=min(history + [coarse[best]]), fine_history=history,
+                  fine_kept=kept)
+    lap('fine_stage')
+  info['seconds'] = seconds
   qvars = dict(qvars, **{COLLECTION: quant_state})
   return (qmodel, qvars, info) if return_info else (qmodel, qvars)
 
 
-def _fine_stage(lsq_model, q_frozen, fp_model, base, quant_state, learn, rules, cal, coarse_mse,
+def _fine_stage(lsq_model, q_frozen, base, quant_state, learn, rules, cal, coarse_mse,
                 *, lr, epochs, progress, batch_err, mse_of):
-  """LSQ+ on `learn` points; returns (quant_state, fine MSE, kept)."""
+  """LSQ+ on `learn` points; returns (quant_state, MSE after each epoch, kept): the state of
+  the epoch with the lowest calibration MSE if below coarse_mse, else the coarse state."""
   flat = traverse_util.flatten_dict(flax.core.unfreeze(quant_state))
   params = {}
   for name, path in learn.items():
@@ -373,26 +390,28 @@ def _fine_stage(lsq_model, q_frozen, fp_model, base, quant_state, learn, rules, 
     upd, o = opt.update(g, o, p)
     return optax.apply_updates(p, upd), o, loss
 
-  it = itertools.product(range(epochs), cal)
-  for _, b in _progress(list(it), progress, 'TWC fine stage (LSQ+)'):
-    params, opt_state, _ = step(params, opt_state, base, b)
-
-  flat_p = traverse_util.flatten_dict(params)
-  new = dict(flat)
-  for name, path in learn.items():
-    bits = rules.spec(name).n_bits
-    _, q_max = int_grid(bits, False)
-    s = jnp.maximum(jnp.asarray(flat_p[path + ('scale',)], jnp.float32), 1e-8)
-    z = jnp.clip(jnp.round(flat_p[path + ('zero_point',)]), 0.0, q_max)
-    new[path + ('x_min',)] = -z * s
-    new[path + ('x_max',)] = (q_max - z) * s
-  fine_state = traverse_util.unflatten_dict(new)
+  def to_state(p):
+    flat_p = traverse_util.flatten_dict(p)
+    new = dict(flat)
+    for name, path in learn.items():
+      _, q_max = int_grid(rules.spec(name).n_bits, False)
+      s = jnp.maximum(jnp.asarray(flat_p[path + ('scale',)], jnp.float32), 1e-8)
+      z = jnp.clip(jnp.round(flat_p[path + ('zero_point',)]), 0.0, q_max)
+      new[path + ('x_min',)] = -z * s
+      new[path + ('x_max',)] = (q_max - z) * s
+    return traverse_util.unflatten_dict(new)
 
   @jax.jit
   def frozen_err(v, st, inputs):
     return batch_err(q_frozen.apply(dict(v, **{COLLECTION: st}), **inputs), v, inputs)
 
-  fine_mse = mse_of(frozen_err, base, fine_state)
-  if fine_mse < coarse_mse:
-    return fine_state, fine_mse, True
-  return quant_state, fine_mse, False
+  best_state, best_mse, history = quant_state, coarse_mse, []
+  bar = _progress(range(epochs), progress, 'TWC fine stage (LSQ+)')
+  for _ in bar:
+    for b in cal:
+      params, opt_state, _ = step(params, opt_state, base, b)
+    state = to_state(params)
+    history.append(mse_of(frozen_err, base, state))
+    if history[-1] < best_mse:
+      best_state, best_mse = state, history[-1]
+  return best_state, history, best_state is not quant_state

@@ -97,5 +97,5 @@ def smoothquant(model, variables, batches: Iterable[Any], alpha: float = 0.5, *,
   batches = list(itertools.islice(iter(batches), num_batches)) if num_batches else list(batches)
   act = activation_absmax(model, variables, batches)
   s = smoothing_factors(model, variables, act, float(alpha))
-  # migrate() divides the LN by f and multiplies the Linear rows by f: f = 1 / s.
-  return migration.migrate(model, variables, {k: 1.0 / v for k, v in s.items()})
+  # migrate() divides the LN by f and multiplies the Linear rows by f: f = s.
+  return migration.migrate(model, variables, s)
