@@ -41,12 +41,20 @@ def trained(tmp_path_factory):
   return workdir, env
 
 
+def _cheap_method_flags():
+  """Few AdaRound iterations and no Token-Wise Clipping fine stage, where those fields exist."""
+  from configs import base
+  q = base.quant_defaults()
+  cheap = {'adaround_iters': 10, 'adaround_samples': 8, 'twc_fine': False}
+  return [f'--config.quant.{k}={v}' for k, v in cheap.items() if k in q]
+
+
 def _eval(workdir, env, *args):
   cmd = [sys.executable, os.path.join(testing.REPO_ROOT, 'eval.py'),
          '--config', os.path.join(testing.REPO_ROOT, 'configs/tiny_opt_vanilla.py'),
          '--workdir', str(workdir), '--noprogress', '--num_batches=1', '--batch_size=8',
          '--config.quant.est_num_batches=1', '--config.quant.num_candidates=10',
-         *testing.flags_for(testing.TINY_OVERRIDES), *args]
+         *testing.flags_for(testing.TINY_OVERRIDES), *_cheap_method_flags(), *args]
   return subprocess.run(cmd, cwd=testing.REPO_ROOT, env=env, capture_output=True, text=True,
                         timeout=900)
 

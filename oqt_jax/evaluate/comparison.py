@@ -86,15 +86,16 @@ def _fmt(v, spec='.4f') -> str:
 
 def format_markdown(report: dict) -> str:
   mname = report['metric']
-  lines = [f'| method | {mname} | delta to FP | max inf norm | model bytes | calib s |',
-           '|---|---:|---:|---:|---:|---:|']
+  lines = [f'| method | {mname} | delta to FP | max inf norm | model bytes | calib s | notes |',
+           '|---|---:|---:|---:|---:|---:|---|']
   for r in report['rows']:
     if r.get('error'):
-      lines.append(f'| {r["label"]} ({r["name"]}) | error: {r["error"]} | | | | |')
+      lines.append(f'| {r["label"]} ({r["name"]}) | error: {r["error"]} | | | | | |')
       continue
     lines.append(f'| {r["label"]} ({r["name"]}) | {_fmt(r["metric"])} | '
                  f'{_fmt(r["delta"], "+.4f")} | {_fmt(r["max_inf_norm"], ".2f")} | '
-                 f'{r["model_bytes"]:,} | {_fmt(r["calib_seconds"], ".1f")} |')
+                 f'{r["model_bytes"]:,} | {_fmt(r["calib_seconds"], ".1f")} | '
+                 f'{r.get("notes", "")} |')
   return '\n'.join(lines)
 
 
@@ -189,6 +190,7 @@ def compare_run(config, workdir: Optional[str], *, hf_model: Optional[str] = Non
         row['threshold'] = info['threshold']
         row['outlier_fraction_per_layer'] = fr
         row['outlier_fraction_mean'] = float(np.mean(list(fr.values()))) if fr else 0.0
+        row['notes'] = f'outlier dims: {row["outlier_fraction_mean"]:.2%} of Dense inputs'
         _info(llm_int8.format_fractions(fr))
       if name == 'fp':
         fp_metric = value
@@ -198,6 +200,10 @@ def compare_run(config, workdir: Optional[str], *, hf_model: Optional[str] = Non
       if os.environ.get('OQT_COMPARE_TRACEBACK'):
         traceback.print_exc()
     rows.append(row)
+  if fp_metric is None and any(not r.get('error') for r in rows):   # the delta's reference
+    m = outliers.evaluate(model, variables, iter(eval_batches), num_batches=len(eval_batches),
+                          desc='fp')
+    fp_metric = metric_of(config, model, model, variables, eval_batches, m)[1]
   for r in rows:
     if not r.get('error'):
       r['delta'] = (r['metric'] - fp_metric if fp_metric is not None and r['metric'] is not None
@@ -205,7 +211,7 @@ def compare_run(config, workdir: Optional[str], *, hf_model: Optional[str] = Non
   report = dict(model_path=source, model_type=mtype, head=model.cfg.resolved_head,
                 metric=metric_name or 'perplexity', num_eval_batches=len(eval_batches),
                 num_calibration_batches=len(cal_batches), batch_size=bs,
-                quant_config=config.quant.to_dict(), rows=rows)
+                fp_metric=fp_metric, quant_config=config.quant.to_dict(), rows=rows)
   table = format_markdown(report)
   print(table)
   os.makedirs(out_dir, exist_ok=True)

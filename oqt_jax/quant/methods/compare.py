@@ -90,11 +90,17 @@ def peg_groups(hidden: int, k: int = PEG_GROUPS) -> int:
 
 
 def _quant_fn(name: str) -> Callable:
+  """quant.<name>, called without a progress bar when it takes `progress`."""
+  import inspect
   from oqt_jax import quant
   fn = getattr(quant, name, None)
   if fn is None:
     raise NotImplementedError(f'quant.{name} is not available in this version of oqt_jax')
-  return fn
+  try:
+    quiet = 'progress' in inspect.signature(fn).parameters
+  except (TypeError, ValueError):
+    quiet = False
+  return (lambda *a, **kw: fn(*a, progress=False, **kw)) if quiet else fn
 
 
 def _rules_bits(rules) -> Callable:
