@@ -123,8 +123,8 @@ def attention_mass(config, workdir: str, num_batches: int = 1) -> dict:
       nothing = 1.0 - p.sum(-1)
       stats = []
       for sel in (plain, copy):
-        w = sel[:, None, :].astype(np.float64)
-        n = max(w.sum() / p.shape[1], 1.0)
+        w = sel[:, None, :].astype(np.float64)       # (B, 1, T): the same queries per head
+        n = max(w.sum(), 1.0)
         stats.append(((bos * w).sum((0, 2)) / n, (nothing * w).sum((0, 2)) / n))
       cur.append(stats)
     sums = cur if sums is None else [[tuple(a + b for a, b in zip(s0, s1)) for s0, s1 in
@@ -271,6 +271,15 @@ def main(argv=None) -> int:
   if args.report:
     with open(os.path.join(out, 'results.json')) as fh:
       rows = json.load(fh)
+    for r in rows:     # attention figures recomputed from the trained runs (cheap)
+      config = build_config(r['variant'], mode, overrides)
+      att = attention_mass(config, os.path.join(out, 'runs', r['variant']))
+      r['attention'] = att
+      r['bos_attention'] = float(np.mean(att['bos_plain']))
+      r['no_op_mass'] = float(np.mean(np.asarray(att['bos_plain'])
+                                      + np.asarray(att['nothing_plain'])))
+    with open(os.path.join(out, 'results.json'), 'w') as fh:
+      json.dump(rows, fh, indent=1)
     print(write_markdown(rows, os.path.join(out, 'results.md'), mode))
     write_plots(rows, out)
     return 0
