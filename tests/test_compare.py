@@ -25,6 +25,12 @@ def test_parse_methods():
     compare.parse_methods('fp,int4')
   assert set(OWN_ROWS) < set(compare.METHOD_NAMES) and len(compare.METHOD_NAMES) == 11
   assert compare.peg_groups(768) == 6 and compare.peg_groups(32) == 4
+  # Min-max and MSE rows drop a recipe's percentile (it would make running_minmax an EMA of
+  # percentiles) unless the weights use the percentile estimator.
+  q = compare.ml_collections.ConfigDict({'percentile': 99.999, 'ranges_weights': 'mse'})
+  assert compare._no_percentile(q) == {'percentile': -1.0}
+  q.ranges_weights = 'percentile'
+  assert compare._no_percentile(q) == {}
   assert compare.merged_quant_dict(compare.derived(
       compare.ml_collections.ConfigDict({'quant_dict': "{'Et': 4}"})), {'h': 16}) == \
       "{'Et': 4, 'h': 16}"

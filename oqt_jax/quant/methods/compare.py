@@ -85,6 +85,12 @@ def merged_quant_dict(qcfg, extra: dict) -> str:
   return repr(d)
 
 
+def _no_percentile(qcfg) -> dict:
+  """percentile=-1 (plain min / max; a percentile > 0 would turn running_minmax into an EMA of
+  percentiles) unless the weights' estimator is the percentile one."""
+  return {} if qcfg.get('ranges_weights') == 'percentile' else {'percentile': -1.0}
+
+
 def peg_groups(hidden: int, k: int = PEG_GROUPS) -> int:
   return max(g for g in range(1, k + 1) if hidden % g == 0)
 
@@ -130,13 +136,14 @@ def run_method(name: str, model, variables, batches: list, qcfg) -> tuple[Any, A
   if name == 'fp':
     return model, variables, dict(label=label)
   if name == 'w8a8_minmax':
-    return _calibrated(model, variables, batches, derived(qcfg, ranges_acts='running_minmax'),
-                       label)
+    return _calibrated(model, variables, batches,
+                       derived(qcfg, ranges_acts='running_minmax', **_no_percentile(qcfg)), label)
   if name == 'w8a8_percentile':
     return _calibrated(model, variables, batches,
                        derived(qcfg, ranges_acts='percentile', percentile=PERCENTILE), label)
   if name == 'w8a8_mse':
-    return _calibrated(model, variables, batches, derived(qcfg, ranges_acts='mse'), label)
+    return _calibrated(model, variables, batches,
+                       derived(qcfg, ranges_acts='mse', **_no_percentile(qcfg)), label)
   if name == 'peg':
     k = peg_groups(model.cfg.hidden_size)
     g = f'ngp{k}'
