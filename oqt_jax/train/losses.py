@@ -90,7 +90,7 @@ def perplexity(mean_ce):
 
 MLM_PREDICTION_FRACTION = 0.15   # the data's default masking probability
 MLM_PREDICTION_SIGMAS = 3.0      # rows gathered per sequence: mean + 3 std of Binomial(T, p)
-CLM_CHUNK_ROWS = 1024            # tokens (batch x length) per chunk of the CLM head
+CLM_CHUNK_ROWS = 512             # tokens (batch x length) per chunk of the CLM head
 
 
 def mlm_max_predictions(seq_len: int, p: float = MLM_PREDICTION_FRACTION,
@@ -186,13 +186,16 @@ def _linear_ce_chunks(h, table, targets, weights, n_chunks, with_grads):
     d_logits = (jnp.exp(logits - logz[..., None]) - jax.nn.one_hot(tc, vocab, dtype=jnp.float32))
     d_logits = (d_logits * wc[..., None]).astype(hc.dtype)
     dh = jnp.einsum('btv,vd->btd', d_logits, table)
-    d_table = d_table + jnp.einsum('btv,btd->vd', d_logits, hc,
-                                   preferred_element_type=jnp.float32)
-    return (loss + l, d_table), dh
+    # The table's gradient is accumulated transposed, (D, V): contracting the tokens as the
+    # leading dims of both operands needs no copy of the (tokens, V) gradient (XLA:CPU would
+    # transpose it for a (V, D) result).
+    d_table_t = d_table + jnp.einsum('btd,btv->dv', hc, d_logits,
+                                     preferred_element_type=jnp.float32)
+    return (loss + l, d_table_t), dh
 
-  init = (jnp.zeros((), jnp.float32), jnp.zeros(table.shape, jnp.float32))
-  (loss, d_table), dh = jax.lax.scan(body_grad, init, xs)
-  return loss, _unchunk_rows(dh), d_table.astype(table.dtype)
+  init = (jnp.zeros((), jnp.float32), jnp.zeros(table.shape[::-1], jnp.float32))
+  (loss, d_table_t), dh = jax.lax.scan(body_grad, init, xs)
+  return loss, _unchunk_rows(dh), d_table_t.T.astype(table.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
