@@ -96,10 +96,10 @@ def build_config(variant: str, mode: str, overrides: dict | None = None):
 # ---------------------------------------------------------------------------- attention
 def attention_mass(config, workdir: str, num_batches: int = 1) -> dict:
   """Per layer and head, the attention mass on the first (BOS) token and on "nothing"
-  (1 - sum of the probabilities: softmax1 / sink; negative of nothing for clipped softmax is
-  not possible, its rows may sum below 1 too), averaged over queries t >= 1 that need no
-  context (the current token is not a trigger) and that do (it is: the next token copies the
-  previous one). Probabilities are sown by the attention module into the 'attention'
+  (1 - the row's sum: what softmax1 / sink leave out and clipped softmax clips away; 0 for a
+  plain softmax), averaged over the queries t >= 1 that need no context (the current token is
+  not a trigger: 'plain') and those that do (it is: 'copy', the next token repeats the
+  previous one). The attention module sows the probabilities into the 'attention'
   collection."""
   import jax
   from oqt_jax.data import synthetic
