@@ -233,7 +233,8 @@ def write_plots(rows: list, out: str) -> list[str]:
   plt.close(fig)
 
   n = len(rows)
-  fig, axes = plt.subplots(2, n, figsize=(2.6 * n + 1, 5), squeeze=False)
+  fig, axes = plt.subplots(2, n, figsize=(2.6 * n + 1, 5.5), squeeze=False,
+                           constrained_layout=True)
   for j, r in enumerate(rows):
     for i, key in enumerate(('plain', 'copy')):
       mass = np.asarray(r['attention'][f'bos_{key}']) + np.asarray(r['attention'][f'nothing_{key}'])
@@ -241,8 +242,11 @@ def write_plots(rows: list, out: str) -> list[str]:
       im = ax.imshow(mass, vmin=0, vmax=1, cmap='viridis', aspect='auto')
       ax.set_title(f"{LABELS.get(r['variant'], r['variant'])}\n"
                    f"{'no context needed' if key == 'plain' else 'after a trigger'}", fontsize=8)
+      ax.set_xticks(range(mass.shape[1]))
+      ax.set_yticks(range(mass.shape[0]))
       ax.set_xlabel('head')
-      ax.set_ylabel('layer')
+      if j == 0:
+        ax.set_ylabel('layer')
   fig.colorbar(im, ax=axes, shrink=0.8, label='mass on BOS (+ "nothing")')
   files.append(os.path.join(out, 'attention.png'))
   fig.savefig(files[-1], dpi=110)
