@@ -5,8 +5,6 @@ import glob
 import os
 import shutil
 import signal
-import subprocess
-import time
 
 import jax
 import jax.numpy as jnp
@@ -172,28 +170,11 @@ def _resume_steps(workdir):
   return out
 
 
-def _committed_steps(workdir):
-  d = os.path.join(workdir, 'checkpoints')
-  return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
-
-
 def _start_and_stop_after_checkpoint(workdir, env, sig, newer_than=0):
   """Start train.py, wait until a checkpoint newer than `newer_than` is committed, send `sig`."""
-  proc = subprocess.Popen(testing.train_command(CONFIG, str(workdir), OVERRIDES),
-                          cwd=testing.REPO_ROOT, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
-  deadline = time.time() + 300
-  try:
-    while time.time() < deadline and proc.poll() is None:
-      if any(s > newer_than for s in _committed_steps(workdir)):
-        os.kill(proc.pid, sig)
-        break
-      time.sleep(0.01)
-    _, err = proc.communicate(timeout=300)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-  return proc.returncode, err
+  return testing.signal_train_when(
+      CONFIG, str(workdir), OVERRIDES,
+      lambda: any(s > newer_than for s in testing.committed_steps(str(workdir))), env=env, sig=sig)
 
 
 def _assert_same_losses(got, want, steps):
@@ -210,7 +191,7 @@ def test_kill_9_then_rerun_resumes_and_matches(tmp_path, env, reference):
   assert rc == -signal.SIGKILL, err[-2000:]
   killed_at = max(_losses(workdir))
   assert killed_at < STEPS                                   # it really died mid-run
-  ckpt = max(_committed_steps(workdir))
+  ckpt = max(testing.committed_steps(workdir))
 
   # Rerun the same command, then stop it with SIGTERM: it saves where it is and exits 143.
   rc, err = _start_and_stop_after_checkpoint(workdir, env, signal.SIGTERM, newer_than=ckpt)
@@ -218,7 +199,7 @@ def test_kill_9_then_rerun_resumes_and_matches(tmp_path, env, reference):
   assert f'resumed from {workdir}/checkpoints/{ckpt} (step {ckpt})' in err
   assert 'Traceback' not in err
   stopped_at = max(s for s in _losses(workdir))
-  assert _committed_steps(workdir)[-1] == stopped_at < STEPS  # saved on exit, mid-interval ok
+  assert testing.committed_steps(workdir)[-1] == stopped_at < STEPS  # saved on exit, mid-interval ok
 
   # Rerun again: resumes from the SIGTERM checkpoint and finishes.
   r = testing.run_train(CONFIG, str(workdir), OVERRIDES, env=env)
@@ -233,7 +214,7 @@ def test_corrupt_latest_checkpoint_falls_back_end_to_end(tmp_path, env, referenc
   ref_dir, ref_losses, ref_hf = reference
   workdir = tmp_path / 'run'
   shutil.copytree(ref_dir, workdir)
-  assert _committed_steps(workdir) == [STEPS - 2 * EVERY, STEPS - EVERY, STEPS]
+  assert testing.committed_steps(workdir) == [STEPS - 2 * EVERY, STEPS - EVERY, STEPS]
   latest = os.path.join(workdir, 'checkpoints', str(STEPS))
   _truncate(latest)
 
@@ -244,5 +225,5 @@ def test_corrupt_latest_checkpoint_falls_back_end_to_end(tmp_path, env, referenc
   prev = STEPS - EVERY
   assert f'resumed from {workdir}/checkpoints/{prev} (step {prev})' in r.stderr
   _assert_same_losses(_losses(workdir), ref_losses, range(prev + 1, STEPS + 1))
-  assert _committed_steps(workdir)[-1] == STEPS                # re-saved, readable again
+  assert testing.committed_steps(workdir)[-1] == STEPS                # re-saved, readable again
   assert (workdir / 'hf' / 'model.safetensors').read_bytes() == ref_hf

@@ -11,7 +11,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from unittest import mock
 
 import jax
@@ -350,21 +349,8 @@ def _losses(workdir):
 
 def _kill_at(workdir, env, target):
   """Start train.py; SIGKILL it as soon as step `target` is logged."""
-  proc = subprocess.Popen(testing.train_command(CONFIG, str(workdir), dict(BASE, **KILL_RUN)),
-                          cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True)
-  deadline = time.time() + 300
-  try:
-    while time.time() < deadline and proc.poll() is None:
-      if max(_losses(workdir), default=0) >= target:
-        os.kill(proc.pid, signal.SIGKILL)
-        break
-      time.sleep(0.01)
-    _, err = proc.communicate(timeout=300)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-  return proc.returncode, err
+  return testing.signal_train_when(CONFIG, str(workdir), dict(BASE, **KILL_RUN),
+                                   lambda: max(_losses(workdir), default=0) >= target, env=env)
 
 
 @pytest.mark.slow

@@ -5,8 +5,6 @@ reproduces the per-step losses of an uninterrupted QAT run."""
 import os
 import shutil
 import signal
-import subprocess
-import time
 
 import jax
 import numpy as np
@@ -134,11 +132,6 @@ def test_quant_dict_accepts_a_python_dict():
 
 
 # ----------------------------------------------------------------------------- kill -9
-def _committed(workdir):
-  d = os.path.join(workdir, 'checkpoints')
-  return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
-
-
 @pytest.mark.slow
 def test_kill_9_then_rerun_resumes_qat_with_the_same_losses(tmp_path, fp_run, qat_run):
   ref_dir, _ = qat_run
@@ -146,22 +139,12 @@ def test_kill_9_then_rerun_resumes_qat_with_the_same_losses(tmp_path, fp_run, qa
   workdir = str(tmp_path / 'run')
   shutil.copytree(fp_run, workdir)
   env = testing.subprocess_env()
-  proc = subprocess.Popen(testing.train_command(CONFIG, workdir, QAT), cwd=testing.REPO_ROOT,
-                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  deadline = time.time() + 400
-  try:
-    while time.time() < deadline and proc.poll() is None:
-      if any(s > FP_STEPS for s in _committed(workdir)):
-        os.kill(proc.pid, signal.SIGKILL)
-        break
-      time.sleep(0.01)
-    _, err = proc.communicate(timeout=300)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-  assert proc.returncode == -signal.SIGKILL, err[-2000:]
+  rc, err = testing.signal_train_when(
+      CONFIG, workdir, QAT, lambda: any(s > FP_STEPS for s in testing.committed_steps(workdir)),
+      env=env, timeout=400)
+  assert rc == -signal.SIGKILL, err[-2000:]
   assert 'QAT starts from the floating-point checkpoint' in err
-  ckpt = max(_committed(workdir))
+  ckpt = max(testing.committed_steps(workdir))
   assert FP_STEPS < ckpt < QAT_STEPS
   r = testing.run_train(CONFIG, workdir, QAT, env=env)
   assert r.returncode == 0, r.stderr[-3000:]

@@ -3,15 +3,19 @@
 Test-only conveniences (not used by the training code itself):
   TINY_OVERRIDES        command-line overrides shrinking a tiny_* config further
   run_train(...)        python train.py ... in a subprocess (own env, optional compile cache)
+  signal_train_when(...) start train.py, send a signal (kill -9) once a condition holds
+  committed_steps(dir)  the step numbers of a workdir's committed checkpoints
   seed_workdir(src, dst) copy a trained tokenizer + tokenized-data cache into a new workdir
 """
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
-from typing import Mapping, Optional, Sequence
+import time
+from typing import Callable, Mapping, Optional, Sequence
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRAIN_PY = os.path.join(REPO_ROOT, 'train.py')
@@ -86,6 +90,34 @@ def run_train(config_file: str, workdir: str, overrides: Mapping[str, object] = 
   return subprocess.run(train_command(config_file, workdir, overrides, extra_args),
                         cwd=REPO_ROOT, env=dict(env or subprocess_env()), capture_output=True,
                         text=True, timeout=timeout)
+
+
+def committed_steps(workdir: str) -> list[int]:
+  """Step numbers of the committed checkpoints in WORKDIR/checkpoints, ascending."""
+  d = os.path.join(workdir, 'checkpoints')
+  return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+
+
+def signal_train_when(config_file: str, workdir: str, overrides: Mapping[str, object],
+                      when: Callable[[], bool], *, env: Optional[Mapping[str, str]] = None,
+                      sig: int = signal.SIGKILL, timeout: float = 300) -> tuple[int, str]:
+  """Start train.py, poll `when()` every 10 ms and send `sig` as soon as it is true (or let
+  the run end); returns (returncode, stderr)."""
+  proc = subprocess.Popen(train_command(config_file, workdir, overrides), cwd=REPO_ROOT,
+                          env=dict(env or subprocess_env()), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + timeout
+  try:
+    while time.time() < deadline and proc.poll() is None:
+      if when():
+        os.kill(proc.pid, sig)
+        break
+      time.sleep(0.01)
+    _, err = proc.communicate(timeout=timeout)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  return proc.returncode, err
 
 
 def seed_workdir(src: str, dst: str) -> None:
