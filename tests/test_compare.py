@@ -81,8 +81,8 @@ def test_eval_py_compare_writes_every_row(trained):
     assert row['metric'] > 1 and row['max_inf_norm'] > 0 and row['model_bytes'] > 0
     assert abs(row['delta'] - (row['metric'] - rows['fp']['metric'])) < 1e-9
     assert abs(row['metric'] / rows['fp']['metric'] - 1) < 0.2, name   # 8-bit: close to FP
-  for name, row in rows.items():     # rows of modules not in this build: an error, one line
-    assert row.get('error') or row.get('metric') is not None, name
+  for name, row in rows.items():     # every method, the 4-bit AdaRound row included, has a figure
+    assert not row.get('error') and row['metric'] > 1, (name, row.get('error'))
   fp_bytes = rows['fp']['model_bytes']
   assert rows['weight_only']['model_bytes'] < 0.35 * fp_bytes
   assert rows['w8a8_minmax']['model_bytes'] < fp_bytes

@@ -99,9 +99,7 @@ def _quant_fn(name: str) -> Callable:
   """quant.<name>, called without a progress bar when it takes `progress`."""
   import inspect
   from oqt_jax import quant
-  fn = getattr(quant, name, None)
-  if fn is None:
-    raise NotImplementedError(f'quant.{name} is not available in this version of oqt_jax')
+  fn = getattr(quant, name)
   try:
     quiet = 'progress' in inspect.signature(fn).parameters
   except (TypeError, ValueError):
