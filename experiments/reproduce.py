@@ -2,6 +2,7 @@
 then evaluate them in floating point and W8A8 and write a Table-2-shaped summary.
 
     python experiments/reproduce.py [--quick | --smoke] --out DIR [--variants a,b,...]
+        [--steps N] [--set KEY=VALUE ...]
 
 Every variant is trained by oqt_jax.train.train_and_evaluate into DIR/runs/<variant> (a rerun
 resumes or reuses finished runs) and evaluated by oqt_jax.evaluate.evaluate_run (FP, then W8A8
@@ -23,6 +24,7 @@ model size (MODES below).
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import math
 import os
@@ -87,16 +89,45 @@ def build_config(variant: str, mode: str, overrides: dict | None = None):
   if 'est_num_batches' in m:
     c.quant.est_num_batches = int(m['est_num_batches'])
   c.warmup_steps = min(c.warmup_steps, max(c.num_train_steps // 10, 1))
+  for key, value in (m.get('set') or {}).items():
+    apply_setting(c, key, value)
   c.eval_every_steps = 0                      # one evaluation, at the end
   c.checkpoint_every_steps = max(c.num_train_steps, 1)
   c.log_every_steps = min(c.log_every_steps, max(c.num_train_steps, 1))
   return c
 
 
+def parse_setting(text: str) -> tuple[str, object]:
+  """'model.num_layers=1' -> ('model.num_layers', 1): the value as a Python literal, else
+  the string itself."""
+  key, sep, raw = text.partition('=')
+  if not sep or not key:
+    raise SystemExit(f'error: --set {text!r}: expected KEY=VALUE (e.g. learning_rate=0.01)')
+  try:
+    value = ast.literal_eval(raw)
+  except (ValueError, SyntaxError):
+    value = raw
+  return key.strip(), value
+
+
+def apply_setting(config, key: str, value) -> None:
+  """Set the existing dotted field `key` of `config` (an unknown field is an error naming it)."""
+  node = config
+  *path, last = key.split('.')
+  for part in path:
+    if part not in node:
+      raise SystemExit(f'error: --set {key}: no field {part!r}')
+    node = node[part]
+  if last not in node:
+    raise SystemExit(f'error: --set {key}: no field {last!r}')
+  with node.unlocked():
+    node[last] = value
+
+
 # ---------------------------------------------------------------------------- attention
 def attention_mass(config, workdir: str, num_batches: int = 1) -> dict:
-  """Per layer and head, the attention mass on the first (BOS) token and on "nothing"
-  (1 - the row's sum: what softmax1 / sink leave out and clipped softmax clips away; 0 for a
+  """Per layer and head, the attention mass on the first (BOS) token, on the query's own
+  position ('self') and on "nothing" (1 - the row's sum: what softmax1 / sink leave out and clipped softmax clips away; 0 for a
   plain softmax), averaged over the queries t >= 1 that need no context (the current token is
   not a trigger: 'plain') and those that do (it is: 'copy', the next token repeats the
   previous one). The attention module sows the probabilities into the 'attention'
@@ -121,22 +152,25 @@ def attention_mass(config, workdir: str, num_batches: int = 1) -> dict:
       p = np.asarray(col[name]['attention']['probs'][0], np.float64)   # (B, H, T, T)
       bos = p[..., 0]                                                  # (B, H, T)
       nothing = 1.0 - p.sum(-1)
+      t = np.arange(p.shape[-1])
+      own = p[..., t, t]                                               # on the query itself
       stats = []
       for sel in (plain, copy):
         w = sel[:, None, :].astype(np.float64)       # (B, 1, T): the same queries per head
         n = max(w.sum(), 1.0)
-        stats.append(((bos * w).sum((0, 2)) / n, (nothing * w).sum((0, 2)) / n))
+        stats.append(((bos * w).sum((0, 2)) / n, (nothing * w).sum((0, 2)) / n,
+                      (own * w).sum((0, 2)) / n))
       cur.append(stats)
     sums = cur if sums is None else [[tuple(a + b for a, b in zip(s0, s1)) for s0, s1 in
                                       zip(l0, l1)] for l0, l1 in zip(sums, cur)]
   n = max(b + 1, 1)
-  out = {'bos_plain': [], 'nothing_plain': [], 'bos_copy': [], 'nothing_copy': []}
+  out = {'bos_plain': [], 'nothing_plain': [], 'self_plain': [], 'bos_copy': [],
+         'nothing_copy': [], 'self_copy': []}
   for layer in sums:
-    (bp, np_), (bc, nc) = layer
-    out['bos_plain'].append((bp / n).tolist())
-    out['nothing_plain'].append((np_ / n).tolist())
-    out['bos_copy'].append((bc / n).tolist())
-    out['nothing_copy'].append((nc / n).tolist())
+    (bp, np_, sp), (bc, nc, sc) = layer
+    for key, v in (('bos_plain', bp), ('nothing_plain', np_), ('self_plain', sp),
+                   ('bos_copy', bc), ('nothing_copy', nc), ('self_copy', sc)):
+      out[key].append((v / n).tolist())
   return out
 
 
@@ -167,6 +201,7 @@ def run_variant(variant: str, mode: str, out: str, overrides: dict | None = None
       'w8a8_gap': q_ppl - fp_ppl,
       'bos_attention': mean(att['bos_plain']),
       'no_op_mass': mean(np.asarray(att['bos_plain']) + np.asarray(att['nothing_plain'])),
+      'self_attention': mean(att['self_plain']),
       'attention': att,
       'per_layer': res['per_layer'],
       'per_layer_w8a8': q['per_layer'],
@@ -192,16 +227,16 @@ def write_markdown(rows: list, path: str, mode: str) -> str:
   lines = [f'Bigram-Backcopy, mode `{mode}` (FP / W8A8 perplexity on the validation split; '
            'max inf norm of the decoder-layer output, max over layers; kurtosis averaged over '
            'the measured tensors; BOS mass = mean attention on the first token at positions '
-           'that need no context)', '',
-           '| method | FP ppl | max inf norm | avg kurtosis | max kurtosis | W8A8 ppl | '
-           'W8A8 gap | BOS mass | no-op mass |',
-           '|---|---|---|---|---|---|---|---|---|']
+           'that need no context; self mass = mean attention of those positions on themselves)',
+           '', '| method | FP ppl | max inf norm | avg kurtosis | max kurtosis | W8A8 ppl | '
+           'W8A8 gap | BOS mass | no-op mass | self mass |',
+           '|---|---|---|---|---|---|---|---|---|---|']
   for r in rows:
     lines.append(f"| {LABELS.get(r['variant'], r['variant'])} | {_fmt(r['fp_perplexity'], 3)} "
                  f"| {_fmt(r['max_inf_norm'])} | {_fmt(r['avg_kurtosis'])} "
                  f"| {_fmt(r['max_kurtosis'])} | {_fmt(r['w8a8_perplexity'], 3)} "
                  f"| {_fmt(r['w8a8_gap'], 3)} | {_fmt(r['bos_attention'])} "
-                 f"| {_fmt(r['no_op_mass'])} |")
+                 f"| {_fmt(r['no_op_mass'])} | {_fmt(r.get('self_attention'))} |")
   text = '\n'.join(lines) + '\n'
   with open(path, 'w') as fh:
     fh.write(text)
@@ -263,6 +298,9 @@ def main(argv=None) -> int:
   ap.add_argument('--variants', default='', help='comma-separated subset of ' +
                   ', '.join(VARIANTS))
   ap.add_argument('--steps', type=int, default=0, help='override the number of training steps')
+  ap.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                  help='override a config field for every variant (dotted path, Python '
+                  'literal), e.g. --set learning_rate=0.01 --set model.num_layers=1; repeatable')
   ap.add_argument('--progress', action='store_true', help='show training progress bars')
   ap.add_argument('--report', action='store_true',
                   help='only rewrite results.md and the plots from DIR/results.json')
@@ -270,6 +308,9 @@ def main(argv=None) -> int:
   mode = 'smoke' if args.smoke else 'quick' if args.quick else 'full'
   variants = tuple(v for v in args.variants.split(',') if v) or MODES[mode]['variants']
   overrides = {'num_train_steps': args.steps} if args.steps > 0 else {}
+  if args.set:
+    overrides['set'] = dict(parse_setting(t) for t in args.set)
+    build_config(variants[0], mode, overrides)      # unknown fields fail before any training
   out = os.path.abspath(args.out)
   os.makedirs(out, exist_ok=True)
   if args.report:
