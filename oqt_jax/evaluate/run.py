@@ -406,9 +406,10 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: Optional[str], *,
     method = config.quant.get('method', '')
     qcfg = methods.with_preset(config.quant, method, explicit_quant, batch_size=bs)
     quant.validate_quant_config(qcfg)
-    _info(f'calibrating on {qcfg.est_num_batches} batches (method={method or "calibrate"}, '
-          f'W{qcfg.n_bits}A{qcfg.n_bits_act}, quant_setup={qcfg.quant_setup}, '
-          f'quant_dict={qcfg.quant_dict!r}, int8={qcfg.int8})')
+    calibrating = lambda n: _info(
+        f'calibrating on {n} batches (method={method or "calibrate"}'
+        f'{", AdaRound" if qcfg.get("adaround", False) else ""}, W{qcfg.n_bits}A{qcfg.n_bits_act}'
+        f', quant_setup={qcfg.quant_setup}, quant_dict={qcfg.quant_dict!r}, int8={qcfg.int8})')
     from oqt_jax.quant.methods import qat
     exported = None if qcfg.get('adaround', False) else qat.quantized_from_export(
         model, variables, source if os.path.isdir(str(source)) else None)
@@ -421,10 +422,12 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: Optional[str], *,
             'no calibration')
     elif qcfg.get('adaround', False):   # AdaRound weights (calibration batches + samples)
       n_cal = max(int(qcfg.est_num_batches), -(-int(qcfg.adaround_samples) // bs))
+      calibrating(n_cal)
       qmodel, qvars = quant.adaround(
           model, variables, checked(calibration_batches(cal, bs, n_cal), model,
                                     'calibration batch'), qcfg, progress=progress)
     else:
+      calibrating(int(qcfg.est_num_batches))
       qmodel, qvars = methods.run(
           method, model, variables,
           checked(calibration_batches(cal, bs, int(qcfg.est_num_batches)), model,
