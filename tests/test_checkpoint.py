@@ -227,3 +227,15 @@ def test_corrupt_latest_checkpoint_falls_back_end_to_end(tmp_path, env, referenc
   _assert_same_losses(_losses(workdir), ref_losses, range(prev + 1, STEPS + 1))
   assert testing.committed_steps(workdir)[-1] == STEPS                # re-saved, readable again
   assert (workdir / 'hf' / 'model.safetensors').read_bytes() == ref_hf
+
+
+def test_missing_items_names_whole_items_absent_from_the_checkpoint():
+  import numpy as np
+  from oqt_jax.train.checkpoint import missing_items
+  saved = {'step': np.zeros(()), 'params': {'w': np.zeros((2, 3))}}
+  want = dict(saved, quant={'x0': {'x_min': np.zeros(())}})
+  assert missing_items(saved, want) == {'quant'}
+  assert missing_items(saved, saved) == frozenset()
+  # a changed model is not a missing item
+  assert missing_items(saved, {'step': np.zeros(()), 'params': {'v': np.zeros(2)}}) == frozenset()
+  assert missing_items(None, want) == frozenset()

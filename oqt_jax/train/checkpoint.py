@@ -74,6 +74,15 @@ def structure_mismatch(meta: Any, target: Any) -> Optional[str]:
   return None
 
 
+def missing_items(meta: Any, target: Any) -> frozenset:
+  """The top-level items of `target` of which the checkpoint has no array at all (e.g.
+  'quant' for a floating-point checkpoint restored into a QAT state)."""
+  if meta is None:
+    return frozenset()
+  top = lambda d: {k.split('/', 1)[0] for k in d}
+  return frozenset(top(flat_shapes(target)) - top(flat_shapes(meta)))
+
+
 class Checkpointer:
   """Thin wrapper over ocp.CheckpointManager for one pytree item (a dict of arrays)."""
 
@@ -188,8 +197,10 @@ class Checkpointer:
         continue
       mismatch = structure_mismatch(meta, target)
       if mismatch:   # a different model / optimizer, not a damaged file: stop, touch nothing
-        raise CheckpointError(f'{self.step_dir(step)}: does not match this run ({mismatch}); '
+        err = CheckpointError(f'{self.step_dir(step)}: does not match this run ({mismatch}); '
                               'use the config it was written with or a new --workdir')
+        err.missing_items = missing_items(meta, target)
+        raise err
       try:
         items = self.restore(step, target)
         if validate is not None:

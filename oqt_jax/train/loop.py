@@ -448,7 +448,8 @@ def _restore(ckpt, target, qat_on):
   try:
     return ckpt.restore_latest(target.checkpoint_items())
   except CheckpointError as e:
-    if not (qat_on and 'quant' in str(e) and 'missing from the checkpoint' in str(e)):
+    missing = getattr(e, 'missing_items', frozenset())
+    if not (qat_on and 'quant' in missing and missing <= {'quant', 'quant_opt_state'}):
       raise
   fp = target.replace(quant=None, quant_opt_state=None)
   items, step = ckpt.restore_latest(fp.checkpoint_items())
