@@ -186,6 +186,44 @@ def _data_config(task, folder):
   return c
 
 
+def _sample_script():
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      'make_glue_sample', os.path.join(ROOT, 'scripts', 'make_glue_sample.py'))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def test_sst2_sample_task(tmp_path):
+  """scripts/make_glue_sample.py's SST-2-format probe: read by the pipeline's reader, labels =
+  the word-count rule up to ~5% noise, dev split by sentence (no carrier sentence in both)."""
+  mk = _sample_script()
+  assert mk.sst2_label('a good day, a sad night, a nice walk') == 1
+  assert mk.sst2_label('Poor, grim and GREAT.') == 0
+  with pytest.raises(ValueError, match='tie'):
+    mk.sst2_label('good or bad, poor')
+  assert not set(mk.POSITIVE) & set(mk.NEGATIVE)
+  mk.write_tasks(str(tmp_path))
+  c = _data_config('sst2', tmp_path / 'sst2')
+  dev, train = (glue_data.load_glue_split(c.data, s) for s in ('validation', 'train'))
+  assert len(dev) >= 800 and len(train) > 3 * len(dev)
+  sentiment = set(mk.POSITIVE) | set(mk.NEGATIVE)
+  for ds in (dev, train):
+    rule = np.array([mk.sst2_label(t) for t in ds['sentence']])
+    labels = np.array(ds['label'])
+    assert 0.02 < np.mean(rule != labels) < 0.09          # the label noise
+    assert 0.4 < labels.mean() < 0.6
+    n = [sum(w.strip('.,;:()"\'') in sentiment for w in t.lower().split())
+         for t in ds['sentence']]
+    assert min(n) == 1 and max(n) == 4
+
+  def carriers(ds):     # the sentence without its inserted words
+    return {' '.join(w for w in t.split() if w.lower() not in sentiment)
+            for t in ds['sentence']}
+  assert not carriers(dev) & carriers(train)
+
+
 # --------------------------------------------------------------------------- tiny BERT
 
 
