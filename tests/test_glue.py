@@ -331,6 +331,47 @@ def test_cls_predictions_match_torch(tmp_path):
   assert rep['validation_mismatched']['num_examples'] == 3
 
 
+def test_periodic_eval_during_qat_measures_the_quantized_model():
+  """The training loop's GLUE metrics of a QAT state are the quantized model's (as its eval
+  loss), not those of the floating-point weights. STS-B: Pearson / Spearman are continuous, so
+  FP and W4A8 + 2-bit embeddings cannot agree by chance."""
+  import types
+  import jax
+  from oqt_jax import models
+  from oqt_jax.quant.methods import qat
+  from oqt_jax.train import evaluation
+  from oqt_jax.train import sharding as shd
+  from configs.glue import common
+  c = common.glue('stsb')
+  m = c.model
+  m.vocab_size, m.hidden_size, m.num_layers, m.num_heads = 64, 32, 1, 2
+  m.intermediate_size, m.max_position_embeddings = 64, 32
+  c.quant.n_bits, c.quant.quant_dict = 4, "{'Et': 2}"
+  c.quant.qat, c.quant.learn_ranges = True, 'minmax'
+  model = models.build(models.from_config(c.model))
+  params = models.init_variables(model, jax.random.PRNGKey(0))['params']
+  rng = np.random.default_rng(0)
+  batches = []
+  for _ in range(2):
+    ids = rng.integers(5, 64, (16, 12)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[:8, 9:] = 0
+    batches.append({'input_ids': ids, 'attention_mask': mask, 'token_type_ids': 0 * ids,
+                    'labels': rng.uniform(0, 5, 16).astype(np.float32)})
+  quant_state = qat.calibrate_ranges(model, params, batches[:1], c)
+  ds = types.SimpleNamespace(task_info=data.glue_task_info('stsb'),
+                             eval_batches=lambda bs, num_batches=None: iter(batches))
+  got = evaluation.evaluate(types.SimpleNamespace(params=params, quant=quant_state), c, ds,
+                            batch_size=16, mesh=shd.create_mesh(c.mesh))
+  qmodel = model.clone(quant=qat.train_hooks(c, model.cfg).with_mode('frozen'))
+  want = glue_eval.evaluate_glue(qmodel, {'params': params, 'quant': quant_state}, c, batches)
+  fp = glue_eval.evaluate_glue(model, {'params': params}, c, batches)
+  assert got['glue_pearson'] == pytest.approx(want['pearson'], abs=1e-6)
+  assert got['glue_spearmanr'] == pytest.approx(want['spearmanr'], abs=1e-6)
+  assert abs(want['pearson'] - fp['pearson']) > 1e-3, (want, fp)
+  assert got['eval_loss'] == pytest.approx(want['eval_loss'], rel=1e-4)
+
+
 # --------------------------------------------------------------------------- end to end
 
 
