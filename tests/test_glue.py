@@ -186,6 +186,44 @@ def _data_config(task, folder):
   return c
 
 
+def _sample_script():
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      'make_glue_sample', os.path.join(ROOT, 'scripts', 'make_glue_sample.py'))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def test_sst2_sample_task(tmp_path):
+  """scripts/make_glue_sample.py's SST-2-format probe: read by the pipeline's reader, labels =
+  the word-count rule up to ~5% noise, dev split by sentence (no carrier sentence in both)."""
+  mk = _sample_script()
+  assert mk.sst2_label('a good day, a sad night, a nice walk') == 1
+  assert mk.sst2_label('Poor, grim and GREAT.') == 0
+  with pytest.raises(ValueError, match='tie'):
+    mk.sst2_label('good or bad, poor')
+  assert not set(mk.POSITIVE) & set(mk.NEGATIVE)
+  mk.write_tasks(str(tmp_path))
+  c = _data_config('sst2', tmp_path / 'sst2')
+  dev, train = (glue_data.load_glue_split(c.data, s) for s in ('validation', 'train'))
+  assert len(dev) >= 800 and len(train) > 3 * len(dev)
+  sentiment = set(mk.POSITIVE) | set(mk.NEGATIVE)
+  for ds in (dev, train):
+    rule = np.array([mk.sst2_label(t) for t in ds['sentence']])
+    labels = np.array(ds['label'])
+    assert 0.02 < np.mean(rule != labels) < 0.09          # the label noise
+    assert 0.4 < labels.mean() < 0.6
+    n = [sum(w.strip('.,;:()"\'') in sentiment for w in t.lower().split())
+         for t in ds['sentence']]
+    assert min(n) == 1 and max(n) == 4
+
+  def carriers(ds):     # the sentence without its inserted words
+    return {' '.join(w for w in t.split() if w.lower() not in sentiment)
+            for t in ds['sentence']}
+  assert not carriers(dev) & carriers(train)
+
+
 # --------------------------------------------------------------------------- tiny BERT
 
 
@@ -291,6 +329,47 @@ def test_cls_predictions_match_torch(tmp_path):
   rep = run.glue_report(model, variables, c, run.glue_datasets(c, None, ds), 4)
   assert rep['accuracy'] == m['accuracy'] and rep['num_examples'] == 9
   assert rep['validation_mismatched']['num_examples'] == 3
+
+
+def test_periodic_eval_during_qat_measures_the_quantized_model():
+  """The training loop's GLUE metrics of a QAT state are the quantized model's (as its eval
+  loss), not those of the floating-point weights. STS-B: Pearson / Spearman are continuous, so
+  FP and W4A8 + 2-bit embeddings cannot agree by chance."""
+  import types
+  import jax
+  from oqt_jax import models
+  from oqt_jax.quant.methods import qat
+  from oqt_jax.train import evaluation
+  from oqt_jax.train import sharding as shd
+  from configs.glue import common
+  c = common.glue('stsb')
+  m = c.model
+  m.vocab_size, m.hidden_size, m.num_layers, m.num_heads = 64, 32, 1, 2
+  m.intermediate_size, m.max_position_embeddings = 64, 32
+  c.quant.n_bits, c.quant.quant_dict = 4, "{'Et': 2}"
+  c.quant.qat, c.quant.learn_ranges = True, 'minmax'
+  model = models.build(models.from_config(c.model))
+  params = models.init_variables(model, jax.random.PRNGKey(0))['params']
+  rng = np.random.default_rng(0)
+  batches = []
+  for _ in range(2):
+    ids = rng.integers(5, 64, (16, 12)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[:8, 9:] = 0
+    batches.append({'input_ids': ids, 'attention_mask': mask, 'token_type_ids': 0 * ids,
+                    'labels': rng.uniform(0, 5, 16).astype(np.float32)})
+  quant_state = qat.calibrate_ranges(model, params, batches[:1], c)
+  ds = types.SimpleNamespace(task_info=data.glue_task_info('stsb'),
+                             eval_batches=lambda bs, num_batches=None: iter(batches))
+  got = evaluation.evaluate(types.SimpleNamespace(params=params, quant=quant_state), c, ds,
+                            batch_size=16, mesh=shd.create_mesh(c.mesh))
+  qmodel = model.clone(quant=qat.train_hooks(c, model.cfg).with_mode('frozen'))
+  want = glue_eval.evaluate_glue(qmodel, {'params': params, 'quant': quant_state}, c, batches)
+  fp = glue_eval.evaluate_glue(model, {'params': params}, c, batches)
+  assert got['glue_pearson'] == pytest.approx(want['pearson'], abs=1e-6)
+  assert got['glue_spearmanr'] == pytest.approx(want['spearmanr'], abs=1e-6)
+  assert abs(want['pearson'] - fp['pearson']) > 1e-3, (want, fp)
+  assert got['eval_loss'] == pytest.approx(want['eval_loss'], rel=1e-4)
 
 
 # --------------------------------------------------------------------------- end to end

@@ -50,7 +50,7 @@ def qat_run(tmp_path_factory, fp_run):
   return workdir, summary
 
 
-def test_qat_beats_ptq_and_ranges_move(fp_run, qat_run):
+def test_qat_beats_ptq_and_ranges_move(fp_run, qat_run, capsys):
   workdir, summary = qat_run
   assert summary['step'] == QAT_STEPS
   ptq = evaluate_run(_cfg(BASE), fp_run, quantize=True, plots_on=False, progress=False,
@@ -58,9 +58,16 @@ def test_qat_beats_ptq_and_ranges_move(fp_run, qat_run):
   qat_loss = summary['eval']['eval_loss']           # the quantized model's eval loss
   assert qat_loss < ptq['quantized']['loss'] - 0.01, (qat_loss, ptq['quantized']['loss'])
 
-  # eval.py on the QAT workdir: the exported quantizers, no calibration, the same loss.
-  ev = evaluate_run(_cfg(BASE), workdir, quantize=True, plots_on=False, progress=False)
+  # eval.py on the QAT workdir: the exported quantizers, no calibration, the same loss; quant
+  # fields named on the command line that disagree with them are reported as ignored.
+  capsys.readouterr()
+  ev = evaluate_run(_cfg(dict(BASE, **{'quant.n_bits': 8})), workdir, quantize=True,
+                    plots_on=False, progress=False, explicit_quant=('n_bits', 'est_num_batches'))
   assert ev['quantized']['loss'] == pytest.approx(qat_loss, rel=1e-6)
+  assert ev['quantized']['quant_config']['n_bits'] == 4
+  err = capsys.readouterr().err
+  assert 'calibrating' not in err and 'learned by QAT' in err and 'W4A8' in err, err
+  assert 'quant.n_bits=8 on the command line ignored' in err and 'est_num' not in err, err
 
   # The ranges moved away from their calibrated values.
   cfg = _cfg(FP)

@@ -417,9 +417,15 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: Optional[str], *,
       qmodel, qvars = quant.weight_only(model, variables)
       _info(weight_only_report(variables, qvars))
     elif exported is not None:           # a QAT run: the quantizers it learned, no calibration
-      qmodel, qvars, qcfg = exported
-      _info(f'using the quantizers learned by QAT ({os.path.join(source, qat.STATE_FILE)}); '
-            'no calibration')
+      asked, (qmodel, qvars, qcfg) = qcfg, exported
+      _info(f'using the quantizers learned by QAT ({os.path.join(source, qat.STATE_FILE)}: '
+            f'W{qcfg.n_bits}A{qcfg.n_bits_act}, quant_setup={qcfg.quant_setup}, '
+            f'quant_dict={qcfg.quant_dict!r}); no calibration')
+      ignored = [f'{k}={asked.get(k)!r}' for k in dict.fromkeys(explicit_quant)
+                 if k in asked and k in qcfg and asked.get(k) != qcfg.get(k)]
+      if ignored:
+        _info(f'note: quant.{", quant.".join(ignored)} on the command line ignored: a QAT run '
+              'is evaluated with the quantizers it learned')
     elif qcfg.get('adaround', False):   # AdaRound weights (calibration batches + samples)
       n_cal = max(int(qcfg.est_num_batches), -(-int(qcfg.adaround_samples) // bs))
       calibrating(n_cal)

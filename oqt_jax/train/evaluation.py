@@ -81,17 +81,25 @@ def device_eval_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, 
   return shd.replicated_batch(batch, mesh)
 
 
+def eval_model(state, config):
+  """(model, variables) that periodic evaluation measures: the model of config.model with the
+  state's parameters; during QAT (a state with a `quant` collection) the quantized model being
+  trained, its learned ranges frozen, so every metric is the quantized model's."""
+  model = models.build(models.from_config(config.model))
+  variables = {'params': state.params}
+  if getattr(state, 'quant', None) is not None:
+    from oqt_jax.quant.methods import qat
+    model = model.clone(quant=qat.train_hooks(config, model.cfg).with_mode('frozen'))
+    variables['quant'] = state.quant
+  return model, variables
+
+
 def _eval_metrics(state, config, ds, batches: Iterable[Mapping[str, np.ndarray]], mesh: Mesh
                   ) -> dict[str, Any]:
   """Validation loss / perplexity and the paper's outlier figures, from one forward a batch
   (the jitted step of oqt_jax/evaluate/outliers.py, which uses the training loss)."""
   from oqt_jax.evaluate import outliers
-  model = models.build(models.from_config(config.model))
-  variables = {'params': state.params}
-  if getattr(state, 'quant', None) is not None:   # QAT: the quantized model being trained
-    from oqt_jax.quant.methods import qat
-    model = model.clone(quant=qat.train_hooks(config, model.cfg).with_mode('frozen'))
-    variables['quant'] = state.quant
+  model, variables = eval_model(state, config)
   step_fn = outliers.make_eval_step(model, return_tensors=False)
   acc, n = None, 0
   with shd.activation_context(mesh):   # traced on the first call: the constraints apply
@@ -111,13 +119,14 @@ def _eval_metrics(state, config, ds, batches: Iterable[Mapping[str, np.ndarray]]
 
 def _glue_eval_metrics(state, config, ds, batches, mesh: Mesh) -> dict[str, Any]:
   """GLUE runs (a dataset with task_info): the task's metrics on the dev batches
-  (glue_task, glue_metric = the headline score, and glue_<name> for each metric)."""
+  (glue_task, glue_metric = the headline score, and glue_<name> for each metric); during QAT
+  those of the quantized model, as the eval loss."""
   if getattr(ds, 'task_info', None) is None:
     return {}
   from oqt_jax.evaluate import glue as glue_eval
-  model = models.build(models.from_config(config.model))
+  model, variables = eval_model(state, config)
   with shd.activation_context(mesh):
-    m = glue_eval.evaluate_glue(model, {'params': state.params}, config, batches)
+    m = glue_eval.evaluate_glue(model, variables, config, batches)
   out: dict[str, Any] = {'glue_task': m['task'], 'glue_metric': m['metric']}
   out.update({f'glue_{k}': m[k] for k in ds.task_info.metric_names})
   return out
