@@ -42,11 +42,20 @@ def loss_sum_fn(apply_fn: Callable, head: str, model_type: str, params, batch, *
   return losses.loss_for_head(head, out.logits, batch)
 
 
-def tree_all_finite(tree) -> jax.Array:
-  """Scalar bool: every floating-point leaf of `tree` is free of NaN / Inf."""
+def tree_all_finite(tree, small: int = 4096) -> jax.Array:
+  """Scalar bool: every floating-point leaf of `tree` is free of NaN / Inf.
+
+  Leaves of at most `small` elements are checked in one reduction over their concatenation:
+  XLA turns per-leaf checks of scalar leaves (QAT's hundreds of range parameters) into a chain
+  of scalar ops that it fuses into every consumer of the result (each leaf's
+  keep_if_not_finite select), a program quadratic in the number of leaves that took minutes
+  to compile."""
   leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves \
-      else jnp.bool_(True)
+  tiny = [jnp.ravel(x).astype(jnp.float32) for x in leaves if x.size <= small]
+  flags = [jnp.all(jnp.isfinite(x)) for x in leaves if x.size > small]
+  if tiny:
+    flags.append(jnp.all(jnp.isfinite(jnp.concatenate(tiny))))
+  return jnp.all(jnp.stack(flags)) if flags else jnp.bool_(True)
 
 
 def keep_if_not_finite(finite, new, old):
