@@ -262,3 +262,30 @@ def test_host_batch_splits_one_step_into_micro_batches():
   assert hb['input_ids'].shape == (2, 4, 4)
   full = _Rows().batch(3, 8)['input_ids']
   np.testing.assert_array_equal(hb['input_ids'].reshape(8, 4), full)
+
+
+# ------------------------------------------------------------------------ non-finite guard
+def test_tree_all_finite_flags_any_nan_or_inf_and_compiles_linearly():
+  from oqt_jax.train.step import keep_if_not_finite, tree_all_finite
+  ok = {'s': jnp.ones(()), 'big': jnp.ones((5000,)), 'h': jnp.ones((3,), jnp.bfloat16),
+        'n': jnp.ones((), jnp.int32)}
+  assert bool(tree_all_finite(ok)) and bool(tree_all_finite({}))
+  for k in ('s', 'big', 'h'):
+    for v in (np.nan, np.inf, -np.inf):
+      bad = dict(ok, **{k: ok[k].at[..., -1].set(v) if ok[k].ndim else jnp.asarray(v)})
+      assert not bool(tree_all_finite(bad)), (k, v)
+  # Many scalar leaves (QAT's range state): the compiled guard grows linearly with the number
+  # of leaves (per-leaf scalar checks fused into every select grew quadratically).
+  def step(ps, gs):
+    new = [p - 0.1 * g for p, g in zip(ps, gs)]
+    return keep_if_not_finite(tree_all_finite(new), new, ps)
+  sizes = {}
+  for n in (20, 60):
+    ps = [jnp.full((), i, jnp.float32) for i in range(n)]
+    sizes[n] = jax.jit(step).lower(ps, ps).compile().as_text().count('\n')
+  assert sizes[60] < 4 * sizes[20], sizes
+  gs = [jnp.float32(1.0)] * 59 + [jnp.float32(np.nan)]
+  out = jax.jit(step)(ps, gs)
+  np.testing.assert_array_equal(np.asarray(out), np.arange(60, dtype=np.float32))
+  out = jax.jit(step)(ps, [jnp.float32(1.0)] * 60)
+  np.testing.assert_allclose(np.asarray(out), np.arange(60, dtype=np.float32) - 0.1, rtol=1e-6)
