@@ -169,6 +169,26 @@ def test_et_override_uses_mse_golden_for_the_word_table():
   assert float(state['x_max']) < float(jnp.max(jnp.abs(w))) * 0.99   # clipped, not min/max
 
 
+def test_tied_decoder_range_is_the_tables_or_its_own():
+  # 'Et' and the tied decoder 'wM' quantize the same table: quantized alike, the decoder takes
+  # the table's range (computed once); quantized otherwise (4 bits), its own.
+  from oqt_jax.quant import estimators
+  model = models.build(_cfg('opt', num_layers=1))
+  variables = models.init_variables(model, jax.random.PRNGKey(2), seq_len=SEQ)
+  table = variables['params']['embed_tokens']['embedding']
+  cal = [{k: v for k, v in b.items() if k != 'token_type_ids'} for b in _batches(1)]
+  for qd, wm_bits in (('', 8), ("{'wM': 4}", 4)):
+    qcfg = quant.config(ranges_weights='mse', per_channel=True, est_num_batches=1,
+                        quant_dict=qd)
+    _, qvars = quant.calibrate(model, variables, cal, qcfg)
+    ranges = quant.quant_ranges(qvars)
+    for name, bits in (('Et', 8), ('wM', wm_bits)):
+      ref = estimators.update('mse', estimators.init_state((VOCAB,)), table, reduce_axes=(1,),
+                              n_bits=bits, symmetric=True)
+      np.testing.assert_allclose(ranges[name][0], ref['x_min'], rtol=1e-5, err_msg=name)
+      np.testing.assert_allclose(ranges[name][1], ref['x_max'], rtol=1e-5, err_msg=name)
+
+
 def test_bert_cls_head_with_gate_and_clipped_softmax():
   cfg = _cfg(num_layers=1, head='cls', num_labels=3, gate='conditional_per_token',
              softmax='clipped(-.025:1)')

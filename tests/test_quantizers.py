@@ -392,6 +392,26 @@ def test_true_divide_is_single_rounding_under_jit():
   a2 = a.reshape(-1, 4)
   np.testing.assert_array_equal(np.asarray(jax.jit(Q.true_divide)(a2, per_channel)),
                                 a2 / per_channel)
+  # Numerator and divisor broadcast along different axes (candidates x elements), and a
+  # scalar numerator over a divisor array.
+  s3 = np.random.default_rng(1).uniform(0.01, 2.0, (5, 3)).astype(F32)
+  x3 = a[:3 * 64].reshape(3, 64)
+  got = jax.jit(lambda x, s: Q.true_divide(x[None], s[:, :, None]))(x3, s3)
+  np.testing.assert_array_equal(np.asarray(got), x3[None] / s3[:, :, None])
+  np.testing.assert_array_equal(np.asarray(jax.jit(Q.true_divide)(F32(1.7), s3)), F32(1.7) / s3)
+  # The true division stays a division and fuses with the rest of the quantizer: compiled,
+  # quantize_dequantize forms no array of x's size besides its result (no materialised
+  # divisor or quotient).
+  import re
+  x = np.zeros((8, 64, 96), F32)
+  for symmetric in (False, True):
+    hlo = jax.jit(lambda x, lo, hi: Q.quantize_dequantize(x, 8, symmetric, lo, hi)).lower(
+        x, F32(-1), F32(1)).compile().as_text()
+    entry = hlo[hlo.index('\nENTRY'):]
+    big = [l for l in entry.split('\n') if re.search(r'= f32\[8,64,96\]', l)
+           and 'parameter(' not in l]
+    assert len(big) == 1, big
+    assert 'divide(' in hlo
 
 
 def test_group_values_and_expand_group_ranges_vs_numpy():

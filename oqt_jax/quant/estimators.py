@@ -44,8 +44,11 @@ the absolute range margin (0.5 by default, in x's units, as in the original):
          range = [max(-k R/N + skew, mn - margin), min(k R/N + skew, mx + margin)],
          S = min(2^b // 4, 64) shifts of stride (2^b // 4) / S grid steps (for b <= 8: all
          2^b // 4 integer shifts, as in the original).
-    The first candidate with the smallest loss wins (order k, j, sign); the candidates'
-    losses are evaluated in vmapped chunks of bounded memory.
+    The first candidate with the smallest loss wins (order k, j, sign), kept as a running
+    minimum over chunks of candidates, so no (candidates x slices) array is formed. mse:
+    each chunk's squared errors are summed in cache-sized blocks by one jitted loop over
+    tiles of the tensor (no error array of the tensor's size, no per-candidate dispatch),
+    with the quantizer's own arithmetic; cross_entropy: vmapped chunks of bounded memory.
   'golden' (golden_iters iterations of golden-section search, a jax loop):
     1-D: t in [0.01 R, R].
     2-D: nested: r in [0.01 R, R]; for each r the shift in [-m_r, m_r],
@@ -69,13 +72,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from oqt_jax.quant.quantizers import check_bits, quantize_dequantize
+from oqt_jax.quant.quantizers import (check_bits, int_grid, quantize_dequantize,
+                                      scale_zero_point, true_divide)
 
 ESTIMATORS = ('current_minmax', 'running_minmax', 'allminmax', 'percentile', 'mse',
               'cross_entropy')
 MSE_SEARCHES = ('grid', 'golden')
 MAX_SHIFTS = 64
-CANDIDATE_CHUNK_ELEMENTS = 1 << 22
+CANDIDATE_CHUNK_ELEMENTS = 1 << 22   # cross-entropy: tensor elements per vmapped chunk
+MSE_BLOCK_ELEMENTS = 1 << 16        # mse: candidates x slices x elements of one error block
+MSE_TILE = 256                      # mse: smallest tile of a slice's elements
 _INVPHI = (math.sqrt(5.0) - 1.0) / 2.0
 
 
@@ -103,28 +109,54 @@ def normalize_axes(reduce_axes, ndim: int) -> tuple[int, ...]:
   return tuple(sorted(out))
 
 
+def compact_mask(mask, shape):
+  """Bool mask with len(shape) axes, each of size 1 or shape's (not broadcast to `shape`).
+
+  The broadcasting rules of `broadcast_mask`: numpy's, or a prefix of shape gets trailing
+  axes. Keeping the size-1 axes lets reductions over them run on x alone.
+  """
+  if mask is None:
+    return None
+  mask = jnp.asarray(mask).astype(bool)
+  shape = tuple(shape)
+  if mask.ndim < len(shape) and tuple(mask.shape) == shape[:mask.ndim]:
+    mask = mask.reshape(mask.shape + (1,) * (len(shape) - mask.ndim))
+  elif mask.ndim < len(shape):
+    mask = mask.reshape((1,) * (len(shape) - mask.ndim) + mask.shape)
+  if mask.ndim != len(shape) or any(m not in (1, d) for m, d in zip(mask.shape, shape)):
+    raise ValueError(f'mask of shape {mask.shape} does not broadcast to {shape}')
+  return mask
+
+
 def broadcast_mask(mask, shape):
   """Bool mask broadcast to `shape` (numpy rules, or a prefix of shape gets trailing axes)."""
   if mask is None:
     return None
-  mask = jnp.asarray(mask).astype(bool)
-  if mask.ndim < len(shape) and tuple(mask.shape) == tuple(shape[:mask.ndim]):
-    mask = mask.reshape(mask.shape + (1,) * (len(shape) - mask.ndim))
-  return jnp.broadcast_to(mask, shape)
+  return jnp.broadcast_to(compact_mask(mask, shape), shape)
 
 
 def masked_min_max(x, mask, reduce_axes):
   """(min, max, any_valid) over reduce_axes ignoring masked-out entries (float32).
 
-  mask: None or a bool array of x's shape (see `broadcast_mask`).
+  mask: None or a bool array broadcastable to x's shape (see `broadcast_mask`). Reduced axes
+  along which the mask is constant (size 1, e.g. the hidden axis under a token mask) are
+  reduced on x first, so no masked copy of x is formed.
   """
   x = jnp.asarray(x, jnp.float32)
+  kept = tuple(d for i, d in enumerate(x.shape) if i not in reduce_axes)
   if mask is None:
-    any_valid = jnp.ones([d for i, d in enumerate(x.shape) if i not in reduce_axes], bool)
-    return jnp.min(x, axis=reduce_axes), jnp.max(x, axis=reduce_axes), any_valid
-  mn = jnp.min(jnp.where(mask, x, jnp.inf), axis=reduce_axes)
-  mx = jnp.max(jnp.where(mask, x, -jnp.inf), axis=reduce_axes)
-  return mn, mx, jnp.any(mask, axis=reduce_axes)
+    return (jnp.min(x, axis=reduce_axes), jnp.max(x, axis=reduce_axes),
+            jnp.ones(kept, bool))
+  mask = compact_mask(mask, x.shape)
+  pre = tuple(a for a in reduce_axes if mask.shape[a] == 1 and x.shape[a] > 1)
+  if 0 in x.shape:
+    pre, mask = (), jnp.broadcast_to(mask, x.shape)
+  x_lo = jnp.min(x, axis=pre, keepdims=True) if pre else x
+  x_hi = jnp.max(x, axis=pre, keepdims=True) if pre else x
+  mn = jnp.min(jnp.where(mask, x_lo, jnp.inf), axis=reduce_axes)
+  mx = jnp.max(jnp.where(mask, x_hi, -jnp.inf), axis=reduce_axes)
+  any_valid = jnp.broadcast_to(jnp.any(mask, axis=reduce_axes), kept)
+  return jnp.broadcast_to(mn, kept), jnp.broadcast_to(mx, kept), any_valid
 
 
 def apply_momentum(old, new, n, momentum):
@@ -192,19 +224,19 @@ def grid_candidates(mn, mx, one_sided, *, n_bits, symmetric, num_candidates, mar
   n = num_candidates
   k = jnp.arange(1, n + 1, dtype=jnp.float32)[:, None]              # (N, 1)
   r1 = jnp.maximum(jnp.abs(mn), mx) + margin                          # (K,)
-  t = (r1 / n)[None, :] * k                                           # (N, K)
+  t = true_divide(r1, n)[None, :] * k                                # (N, K)
   lo1 = jnp.where(one_sided[None, :], 0.0, -t)
   if symmetric:
     return lo1, t
   pos_lim = mx + margin
   neg_lim = mn - margin
   r2 = jnp.maximum(jnp.abs(pos_lim), jnp.abs(neg_lim))
-  step = r2 / n                                                        # (K,)
+  step = true_divide(r2, n)                                            # (K,)
   s, stride = _num_shifts(n_bits)
   j = jnp.arange(s, dtype=jnp.float32) * stride                        # (S,)
   sign = jnp.array([1.0, -1.0], jnp.float32)                           # (2,)
   half = step[None, :] * k                                             # (N, K)
-  delta = 2.0 * half / (2.0 ** n_bits - 1)                             # (N, K)
+  delta = true_divide(2.0 * half, 2.0 ** n_bits - 1)                  # (N, K)
   skew = (sign[None, :, None] * j[:, None, None])[None] * delta[:, None, None, :]  # (N,S,2,K)
   lo2 = jnp.maximum(-half[:, None, None, :] + skew, neg_lim)
   hi2 = jnp.minimum(half[:, None, None, :] + skew, pos_lim)
@@ -214,15 +246,71 @@ def grid_candidates(mn, mx, one_sided, *, n_bits, symmetric, num_candidates, mar
   return jnp.concatenate([lo1, lo2], 0), jnp.concatenate([t, hi2], 0)
 
 
-def _eval_candidates(loss_fn, lo, hi, numel):
-  """Losses (M, K) of candidate ranges lo, hi (M, K).
+def grid_candidate(idx, mn, mx, one_sided, *, n_bits, symmetric, num_candidates, margin):
+  """The grid candidates of flat indices idx (C,) (the order of `grid_candidates`): (lo, hi),
+  each (C, K), computed with the same float operations (under jit XLA may fuse a product
+  and a sum into one multiply-add, in either function: the values then agree to an ulp).
 
-  Candidates are evaluated in vmapped chunks of about CANDIDATE_CHUNK_ELEMENTS tensor
-  elements (chunk >= 1 candidate), so memory stays bounded for large tensors while small
-  tensors are searched in a few wide steps.
+  Indices >= the number of candidates give finite values (callers mask them out).
   """
-  batch = int(max(1, min(lo.shape[0], CANDIDATE_CHUNK_ELEMENTS // max(int(numel), 1))))
-  return jax.lax.map(lambda c: loss_fn(c[0], c[1]), (lo, hi), batch_size=batch)
+  n = num_candidates
+  idx = jnp.asarray(idx, jnp.int32)
+  k1 = (jnp.minimum(idx, n - 1) + 1).astype(jnp.float32)[:, None]     # (C, 1)
+  r1 = jnp.maximum(jnp.abs(mn), mx) + margin
+  t = true_divide(r1, n)[None, :] * k1
+  lo1 = jnp.where(one_sided[None, :], 0.0, -t)
+  if symmetric:
+    return lo1, t
+  s_, stride = _num_shifts(n_bits)
+  m = jnp.clip(idx - n, 0, n * s_ * 2 - 1)
+  k2 = (m // (s_ * 2) + 1).astype(jnp.float32)[:, None]
+  j = ((m // 2) % s_).astype(jnp.float32) * stride
+  sign = jnp.where(m % 2 == 0, 1.0, -1.0).astype(jnp.float32)
+  pos_lim = mx + margin
+  neg_lim = mn - margin
+  r2 = jnp.maximum(jnp.abs(pos_lim), jnp.abs(neg_lim))
+  step = true_divide(r2, n)
+  half = step[None, :] * k2                                            # (C, K)
+  delta = true_divide(2.0 * half, 2.0 ** n_bits - 1)
+  skew = (sign * j)[:, None] * delta
+  lo2 = jnp.maximum(-half + skew, neg_lim)
+  hi2 = jnp.minimum(half + skew, pos_lim)
+  is_1d = (idx < n)[:, None]
+  return jnp.where(is_1d, lo1, lo2), jnp.where(is_1d, t, hi2)
+
+
+def _grid_search(losses_for, chunk, mn, mx, one_sided, *, n_bits, symmetric, num_candidates,
+                 margin):
+  """The grid's first best candidate per slice, evaluated in chunks of `chunk` candidates
+  with a running (strict) minimum, so no (candidates x slices) array is ever formed."""
+  n = num_candidates
+  total = n if symmetric else n + n * _num_shifts(n_bits)[0] * 2
+  chunk = int(max(1, min(chunk, total)))
+  n_chunks = -(-total // chunk)
+  f = losses_for(chunk)
+  kw = dict(n_bits=n_bits, symmetric=symmetric, num_candidates=n, margin=margin)
+
+  def body(carry, i):
+    best, blo, bhi = carry
+    idx = i * chunk + jnp.arange(chunk, dtype=jnp.int32)
+    lo, hi = grid_candidate(idx, mn, mx, one_sided, **kw)
+    losses = f(lo, hi)                                                 # (chunk, K)
+    usable = (idx < total)[:, None]
+    if not symmetric:   # 1-D candidates for one-sided slices, 2-D ones for the others
+      is_1d = (idx < n)[:, None]
+      usable = usable & jnp.where(one_sided[None, :], is_1d, ~is_1d)
+    losses = jnp.where(usable & ~jnp.isnan(losses), losses, jnp.inf)
+    a = jnp.argmin(losses, axis=0)                                     # first minimum
+    pick = lambda c: jnp.take_along_axis(c, a[None, :], axis=0)[0]
+    cmin = pick(losses)
+    better = cmin < best
+    return (jnp.where(better, cmin, best), jnp.where(better, pick(lo), blo),
+            jnp.where(better, pick(hi), bhi)), None
+
+  lo0, hi0 = grid_candidate(jnp.zeros((1,), jnp.int32), mn, mx, one_sided, **kw)
+  init = (jnp.full(mn.shape, jnp.inf, jnp.float32), lo0[0], hi0[0])
+  (_, lo, hi), _ = jax.lax.scan(body, init, jnp.arange(n_chunks, dtype=jnp.int32))
+  return lo, hi
 
 
 def _golden(f, a, b, iters: int):
@@ -271,29 +359,23 @@ def _golden(f, a, b, iters: int):
       lambda u, v: pick(best_c, u, v), ac, ad)
 
 
-def search_range(loss_fn, mn, mx, one_sided, *, n_bits, symmetric, mse_search='grid',
-                 num_candidates=100, margin=0.5, golden_iters=40, numel=1):
-  """Per-slice range (lo, hi), each (K,), minimising loss_fn(lo, hi) -> (K,) losses.
+def search_range(losses_for, mn, mx, one_sided, *, n_bits, symmetric, mse_search='grid',
+                 num_candidates=100, margin=0.5, golden_iters=40, chunk=1):
+  """Per-slice range (lo, hi), each (K,), minimising the loss of each slice.
 
-  numel: elements one loss evaluation touches (sizes the grid's vmapped chunks).
+  losses_for(C) -> f with f(lo, hi) -> losses, all (C, K): the losses of C candidate ranges
+  per slice (called at trace time, outside the search's loops, so it can lay out its data
+  once). chunk: candidates the grid evaluates per step.
   """
   if mse_search == 'grid':
-    lo, hi = grid_candidates(mn, mx, one_sided, n_bits=n_bits, symmetric=symmetric,
-                             num_candidates=num_candidates, margin=margin)
-    losses = _eval_candidates(loss_fn, lo, hi, numel)                  # (M, K)
-    if not symmetric:
-      n1 = num_candidates
-      is_1d = (jnp.arange(lo.shape[0]) < n1)[:, None]
-      usable = jnp.where(one_sided[None, :], is_1d, ~is_1d)
-      losses = jnp.where(usable, losses, jnp.inf)
-    losses = jnp.where(jnp.isnan(losses), jnp.inf, losses)
-    best = jnp.argmin(losses, axis=0)
-    pick = lambda c: jnp.take_along_axis(c, best[None, :], axis=0)[0]
-    return pick(lo), pick(hi)
+    return _grid_search(losses_for, chunk, mn, mx, one_sided, n_bits=n_bits,
+                        symmetric=symmetric, num_candidates=num_candidates, margin=margin)
 
   if mse_search != 'golden':
     raise ValueError(f'mse_search must be one of {MSE_SEARCHES}, got {mse_search!r}')
 
+  f1 = losses_for(1)
+  loss_fn = lambda lo, hi: f1(lo[None], hi[None])[0]
   r1 = jnp.maximum(jnp.abs(mn), mx) + margin
   sym_loss = lambda t: (loss_fn(jnp.where(one_sided, 0.0, -t), t), ())
   t, _, _ = _golden(sym_loss, 0.01 * r1, r1, golden_iters)
@@ -314,15 +396,79 @@ def search_range(loss_fn, mn, mx, one_sided, *, n_bits, symmetric, mse_search='g
   return jnp.where(one_sided, lo1, lo2), jnp.where(one_sided, hi1, hi2)
 
 
-def _mse_loss_fn(rows, wrows, n_bits, symmetric):
-  """Candidate -> (K,) sum of squared quantization errors over each slice's valid entries."""
-  def loss(lo, hi):
-    q = quantize_dequantize(rows, n_bits, symmetric, lo[:, None], hi[:, None])
-    err = jnp.square(q - rows)
-    if wrows is not None:
-      err = jnp.where(wrows, err, 0.0)
-    return jnp.sum(err, axis=-1)
-  return loss
+def _mse_losses_for(rows, wrows, n_bits, symmetric):
+  """losses_for(C) of the sum of squared quantization errors over each slice's valid entries.
+
+  rows (K, N): the slices' values; wrows: their validity (None: all valid). Invalid entries
+  are set to 0, which every candidate quantizes exactly to 0 (the zero-point is on the grid),
+  so they add nothing. The (C, K, N) errors are summed block by block: a scan over tiles of T
+  elements accumulates (C, Kc, T) partial sums (about MSE_BLOCK_ELEMENTS, cache-resident)
+  elementwise, for each group of Kc slices, so the tensor is read once per candidate chunk and
+  no error array of the tensor's size is formed. The quantizer is `quantize_dequantize`'s
+  arithmetic (same scale, zero-point, true division, rounding and clamping), the grid signed
+  iff any slice's candidate minimum is negative, as it decides over all channels.
+  """
+  if wrows is not None:
+    rows = jnp.where(wrows, rows, 0.0)
+  k, n = rows.shape
+
+  def losses_for(c):
+    # Tiles of t elements, at least 8 per slice where slices are long enough: a single
+    # tile would leave an elementwise block feeding a reduction, which XLA's CPU backend
+    # splits into several materialised arrays.
+    t = min(n, max(MSE_TILE, (MSE_BLOCK_ELEMENTS // c) // 128 * 128), max(32, -(-n // 8)))
+    nt = -(-n // t)
+    kc = min(k, max(1, MSE_BLOCK_ELEMENTS // (c * t)))
+    nk = -(-k // kc)
+    x = jnp.pad(rows, ((0, nk * kc - k), (0, nt * t - n)))
+    x = x.reshape(nk, kc, nt, t).transpose(0, 2, 1, 3)                # (nk, nt, kc, t)
+
+    def blocks(a, c, fill):     # (c, K) -> (nk, c, kc, 1)
+      a = jnp.pad(a, ((0, 0), (0, nk * kc - k)), constant_values=fill)
+      return a.reshape(c, nk, kc).transpose(1, 0, 2)[..., None]
+
+    def evaluate(scale, zp, q_min: float, q_max: float):
+      def per_group(args):
+        xg, sg, zg = args                                               # (nt, kc, t), (c, kc, 1)
+
+        def tile(acc, xt):
+          xb = xt[None]
+          r = jnp.round(true_divide(xb, sg))
+          if symmetric:   # z = 0
+            xi = jnp.clip(r, q_min, q_max)
+          else:   # clamp(r + z, 0, q_max) - z, z an integer in [0, q_max]: exact
+            xi = jnp.clip(r + zg, q_min, q_max) - zg
+          return acc + jnp.square(sg * xi - xb), None
+        acc, _ = jax.lax.scan(tile, jnp.zeros((c, kc, t), jnp.float32), xg)
+        return jnp.sum(acc, axis=-1)                                    # (c, kc)
+
+      out = jax.lax.map(per_group, (x, blocks(scale, c, 1.0), blocks(zp, c, 0.0)))
+      return out.transpose(1, 0, 2).reshape(c, nk * kc)[:, :k]
+
+    def f(lo, hi):
+      if not symmetric:
+        scale, zp, _, _ = scale_zero_point(lo, hi, n_bits, False)
+        return evaluate(jnp.broadcast_to(scale, lo.shape), jnp.broadcast_to(zp, lo.shape),
+                        *int_grid(n_bits, False))
+      # One grid type for the chunk, signed iff a candidate minimum is negative: the
+      # searches' symmetric candidates have all lo = -t < 0 or all lo = 0 (the one-sided
+      # decision is the tensor's; t > 0 for margin >= 0), so this is each candidate's own
+      # decision, taken over all channels as quantize_dequantize does. The grid's bounds
+      # are compile-time constants in each branch (a traced bound slows the loop twofold).
+      signed = jnp.any(lo < 0)
+      scale, zp, _, _ = scale_zero_point(lo, hi, n_bits, True, x_neg=signed)
+      scale = jnp.broadcast_to(scale, lo.shape)
+      zp = jnp.broadcast_to(zp, lo.shape)
+      return jax.lax.cond(signed,
+                          lambda: evaluate(scale, zp, *int_grid(n_bits, True, True)),
+                          lambda: evaluate(scale, zp, *int_grid(n_bits, True, False)))
+    return f
+  return losses_for
+
+
+def _mse_chunk(n):
+  """Grid candidates per chunk of the mse search (one block row of MSE_TILE elements)."""
+  return max(1, MSE_BLOCK_ELEMENTS // min(max(n, 1), MSE_TILE))
 
 
 def _ce_loss_fn(x, target, row_mask, reduce_axes, kept_shape, n_bits, symmetric):
@@ -357,8 +503,9 @@ def _update(state, x, mask, momentum, percentile, margin, logits_target, *, kind
   x = jax.lax.stop_gradient(x.astype(jnp.float32))     # ranges are statistics, not params
   if logits_target is not None:
     logits_target = jax.lax.stop_gradient(logits_target)
-  mask = broadcast_mask(mask, x.shape)
-  mn, mx, valid = masked_min_max(x, mask, reduce_axes)
+  cmask = compact_mask(mask, x.shape)
+  mn, mx, valid = masked_min_max(x, cmask, reduce_axes)
+  mask = None if cmask is None else jnp.broadcast_to(cmask, x.shape)
   n = state['n']
   old_min, old_max = state['x_min'], state['x_max']
 
@@ -385,7 +532,8 @@ def _update(state, x, mask, momentum, percentile, margin, logits_target, *, kind
     if kind == 'mse':
       rows, kept_shape = _to_rows(x, reduce_axes)
       wrows = None if mask is None else _to_rows(mask, reduce_axes)[0]
-      loss_fn = _mse_loss_fn(rows, wrows, n_bits, symmetric)
+      losses_for = _mse_losses_for(rows, wrows, n_bits, symmetric)
+      chunk = _mse_chunk(rows.shape[1])
     else:
       if x.ndim == 0 or (x.ndim - 1) not in reduce_axes:
         raise ValueError('cross_entropy range estimation needs the class axis (last) among '
@@ -396,9 +544,11 @@ def _update(state, x, mask, momentum, percentile, margin, logits_target, *, kind
         raise ValueError(f'logits_target shape {target.shape} != x shape {x.shape}')
       row_mask = None if mask is None else jnp.all(mask, axis=-1)
       loss_fn = _ce_loss_fn(x, target, row_mask, reduce_axes, kept_shape, n_bits, symmetric)
-    lo, hi = search_range(loss_fn, mn0, mx0, one_sided, n_bits=n_bits, symmetric=symmetric,
+      losses_for = lambda c: jax.vmap(loss_fn)
+      chunk = max(1, CANDIDATE_CHUNK_ELEMENTS // max(int(x.size), 1))
+    lo, hi = search_range(losses_for, mn0, mx0, one_sided, n_bits=n_bits, symmetric=symmetric,
                           mse_search=mse_search, num_candidates=num_candidates,
-                          margin=margin, golden_iters=golden_iters, numel=x.size)
+                          margin=margin, golden_iters=golden_iters, chunk=chunk)
     new_min = apply_momentum(old_min, lo.reshape(mn.shape), n, momentum)
     new_max = apply_momentum(old_max, hi.reshape(mx.shape), n, momentum)
 
@@ -425,7 +575,7 @@ def update(kind: str, state: dict, x, *, mask=None, reduce_axes=None, momentum=0
     percentile: p in (50, 100]; the (100 - p, p) percentiles are taken.
     n_bits, symmetric: the quantizer the mse / cross_entropy search optimises for (static).
     mse_search: 'grid' or 'golden' (static); num_candidates: grid size (static);
-    margin: absolute search margin; golden_iters: golden-section iterations (static).
+    margin: absolute search margin (>= 0); golden_iters: golden-section iterations (static).
     logits_target: cross_entropy only, FP logits whose softmax is the target (default x).
   """
   if kind not in ESTIMATORS:
@@ -442,6 +592,8 @@ def update(kind: str, state: dict, x, *, mask=None, reduce_axes=None, momentum=0
                        f'shape {x.shape} reduced over {axes} gives {out_shape}')
   if int(num_candidates) < 1:
     raise ValueError(f'num_candidates must be >= 1, got {num_candidates}')
+  if isinstance(margin, (int, float, np.number)) and margin < 0:
+    raise ValueError(f'margin must be >= 0, got {margin}')
   return _update(state, x, mask, momentum, percentile, margin, logits_target, kind=kind,
                  reduce_axes=axes, n_bits=n_bits, symmetric=bool(symmetric),
                  mse_search=mse_search, num_candidates=int(num_candidates),

@@ -64,7 +64,7 @@ def fp_range_update(state, x, mask):
   """Permutation statistics: the running mean over batches of each dim's FP range (max - min
   over the batch's valid tokens). A batch without valid tokens is skipped."""
   axes = tuple(range(x.ndim - 1))
-  mask = estimators.broadcast_mask(mask, x.shape) if mask is not None else None
+  mask = estimators.compact_mask(mask, x.shape) if mask is not None else None
   mn, mx, valid = estimators.masked_min_max(x, mask, axes)
   seen = jnp.any(valid)
   n = state['n']
@@ -138,12 +138,27 @@ class QuantHooks:
     shape = tuple(d for i, d in enumerate(w.shape) if i not in axes)
     return self._update(spec, estimators.init_state(shape), w, None, axes), axes
 
+  def _tied_state(self, module, name):
+    """The state this module already holds for its table under another point quantized
+    alike (an Embed module has one table: the word embeddings 'Et' and their tied decoder
+    'wM' are the same array), so the range search is not run twice; None otherwise."""
+    if name not in TIED_TABLES:
+      return None
+    same = lambda spec: dataclasses.replace(spec, name='')
+    for other in TIED_TABLES:
+      if (other != name and module.has_variable(COLLECTION, other)
+          and same(self.rules.spec(other)) == same(self.rules.spec(name))):
+        return dict(module.get_variable(COLLECTION, other))
+    return None
+
   def weight(self, module, name, w):
     spec = self.rules.spec(name)
     if not spec.enabled or self.mode in ('fp', 'stats'):
       return w
     if self.mode == 'init':
-      state, axes = self.weight_state(name, w)
+      state = self._tied_state(module, name)
+      if state is None:
+        state, _ = self.weight_state(name, w)
       module.put_variable(COLLECTION, name, state)
       return w
     if module.has_variable(COLLECTION, name):

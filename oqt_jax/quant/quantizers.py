@@ -71,23 +71,39 @@ def int_grid(n_bits: int, symmetric: bool, signed: bool = True) -> tuple[float, 
 
 
 def true_divide(a, b):
-  """a / b with one IEEE rounding, the divisor broadcast to the result's shape first.
+  """a / b with one IEEE rounding, also when b is broadcast (a scalar or per-channel divisor).
 
-  XLA's algebraic simplifier rewrites a / broadcast(b) (a scalar or per-channel divisor) into
-  a * broadcast(1 / b): two roundings, up to one ulp off, which can move x / s across a
-  rounding boundary. Materialising the broadcast divisor behind an optimization barrier keeps
-  the true division of the formulas (and of the PyTorch originals).
+  XLA's algebraic simplifier rewrites a / broadcast(b) into a * broadcast(1 / b): two
+  roundings, up to one ulp off, which can move x / s across a rounding boundary. The divisor
+  is therefore made element-dependent, `where(isnan(a), 1, b)` (the same quotient everywhere:
+  a NaN numerator gives NaN either way), which the simplifier cannot see as a broadcast; it
+  stays inside the elementwise fusion, so nothing of a's size is materialised, and the true
+  division of the formulas (and of the PyTorch originals) is kept. (A numerator that is
+  itself a broadcast along the same axes as the divisor makes the whole quotient a broadcast
+  of a smaller one, which XLA may still rewrite to a multiplication by the reciprocal.)
   """
   a = jnp.asarray(a, jnp.float32)
   b = jnp.asarray(b, jnp.float32)
   shape = jnp.broadcast_shapes(a.shape, b.shape)
-  b = jax.lax.optimization_barrier(jnp.broadcast_to(b, shape))
+  a = jnp.broadcast_to(a, shape)
+  b = jnp.where(jnp.isnan(a), jnp.float32(1), jnp.broadcast_to(b, shape))
   return a / b
 
 
 def round_ste(x):
   """round(x) (half to even) in the forward pass, identity gradient."""
   return x + jax.lax.stop_gradient(jnp.round(x) - x)
+
+
+@jax.custom_jvp
+def _round_st(v):
+  """round(v) (half to even) with derivative 1: `round_ste` for finite v, written with a
+  single use of v, so that XLA fuses the division producing v into its consumers (a second
+  use makes it materialise the quotient, a tensor-sized array, e.g. of the LM-head logits)."""
+  return jnp.round(v)
+
+
+_round_st.defjvp(lambda primals, tangents: (jnp.round(primals[0]), tangents[0]))
 
 
 def clamp(x, lo, hi):
@@ -155,8 +171,12 @@ def quantize_dequantize(x, n_bits=8, symmetric=False, x_min=None, x_max=None, *,
     x_max = jax.lax.stop_gradient(jnp.max(xf))
   scale, zero_point, q_min, q_max = scale_zero_point(
       x_min, x_max, n_bits, symmetric, x_neg=x_neg, eps=eps)
-  x_int = clamp(round_ste(true_divide(xf, scale)) + zero_point, q_min, q_max)
-  return (scale * (x_int - zero_point)).astype(out_dtype)
+  r = _round_st(true_divide(xf, scale))
+  x_int = clamp(r + zero_point, q_min, q_max)
+  # round_ste(v) = v + (round(v) - v) is NaN where v = x / s is not finite; so is the result
+  # here (r = round(v) is finite exactly where v is).
+  out = jnp.where(jnp.isfinite(r), scale * (x_int - zero_point), jnp.float32(jnp.nan))
+  return out.astype(out_dtype)
 
 
 def quantize_int(x, scale, zero_point, q_min, q_max):
