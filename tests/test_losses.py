@@ -41,7 +41,7 @@ def _mlm_batch(seed, p):
   return dict(input_ids=ids, attention_mask=mask, labels=labels)
 
 
-def _both_mlm(model, params, batch, k):
+def _both_mlm(model, params, batch, k, groups=1):
   def full(p):
     out = model.apply({'params': p}, batch['input_ids'], batch['attention_mask'])
     return losses.mlm_loss(out.logits, batch['labels'], batch['attention_mask'])
@@ -49,7 +49,8 @@ def _both_mlm(model, params, batch, k):
   def fast(p):
     out = model.apply({'params': p}, batch['input_ids'], batch['attention_mask'])
     return losses.mlm_loss_gathered(p, model.cfg, out.last_hidden_state, batch['labels'],
-                                    batch['attention_mask'], max_predictions=k)
+                                    batch['attention_mask'], max_predictions=k,
+                                    groups=groups)
   vg = lambda f: jax.jit(jax.value_and_grad(f, has_aux=True))(params)
   return vg(full), vg(fast)
 
@@ -61,17 +62,41 @@ def _close_trees(a, b, rtol=1e-5, atol=1e-6):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
 
 
-@pytest.mark.parametrize('p,k', [(0.15, 8), (0.5, 8)])   # gathered rows / overflow -> full head
-def test_gathered_mlm_loss_and_grads_equal_full_head(bert, p, k):
+# k rows gathered from each of `groups` groups of sequences: the masked ones / too many masked
+# -> every position in passes of k (k = 24 does not divide the 128 tokens: a padded last pass).
+@pytest.mark.parametrize('p,k,groups', [(0.15, 32, 1), (0.5, 32, 1), (0.5, 24, 1),
+                                        (0.15, 16, 2), (0.5, 24, 2)])
+def test_gathered_mlm_loss_and_grads_equal_full_head(bert, p, k, groups):
   model, params = bert
   batch = _mlm_batch(0, p)
-  counts = ((batch['labels'] != -100) & (batch['attention_mask'] > 0)).sum(1)
-  assert (counts.max() <= k) == (p == 0.15)      # both branches exercised
-  ((s_full, c_full), g_full), ((s_fast, c_fast), g_fast) = _both_mlm(model, params, batch, k)
+  counts = ((batch['labels'] != -100) & (batch['attention_mask'] > 0)).reshape(groups, -1)
+  assert (counts.sum(1).max() <= k) == (p == 0.15)      # both branches exercised
+  ((s_full, c_full), g_full), ((s_fast, c_fast), g_fast) = _both_mlm(model, params, batch, k,
+                                                                     groups)
   assert float(c_full) == float(c_fast) == counts.sum()
   np.testing.assert_allclose(float(s_fast), float(s_full), rtol=1e-6)
   _close_trees(g_fast, g_full)
   assert float(jnp.abs(g_fast['mlm_transform']['kernel']).sum()) > 0
+  # The loss alone (no differentiation) takes the loss-only passes.
+  out = model.apply({'params': params}, batch['input_ids'], batch['attention_mask'])
+  s_only, _ = jax.jit(lambda p_: losses.mlm_loss_gathered(
+      p_, model.cfg, out.last_hidden_state, batch['labels'], batch['attention_mask'],
+      max_predictions=k, groups=groups))(params)
+  np.testing.assert_allclose(float(s_only), float(s_full), rtol=1e-6)
+
+
+def test_mlm_groups_follow_the_batch_sharding():
+  """One group of sequences per device holding part of the batch (the mesh of the step's
+  activation context), so that no device gathers another's rows; 1 outside a mesh."""
+  import flax.linen as nn
+  from jax.sharding import AbstractMesh
+
+  from oqt_jax.train import sharding as shd
+  assert losses.batch_shards(8) == 1
+  mesh = AbstractMesh((2, 2, 2), ('data', 'fsdp', 'tensor'))
+  with jax.sharding.use_abstract_mesh(mesh), nn.logical_axis_rules(shd.LOGICAL_AXIS_RULES):
+    assert losses.batch_shards(8) == 4          # data x fsdp; tensor holds whole sequences
+    assert losses.batch_shards(6) == 2          # fsdp does not divide 6: batch not split on it
 
 
 def test_bert_mlm_head_restates_the_model_head(bert):
@@ -87,6 +112,8 @@ def test_mlm_max_predictions():
   assert losses.mlm_max_predictions(128) == 32
   assert losses.mlm_max_predictions(8) == 8
   assert losses.mlm_max_predictions(512) % 8 == 0 and losses.mlm_max_predictions(512) < 128
+  # The benchmark's batch, 16 x 128 tokens: 307 masked on average, 360 rows (not 16 x 32).
+  assert losses.mlm_max_predictions(16 * 128) == 360
 
 
 def _clm_batch(seed):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Mapping
+from typing import Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -89,21 +89,21 @@ def perplexity(mean_ce):
 # models keep the plain path (their head carries quantizers and range statistics).
 
 MLM_PREDICTION_FRACTION = 0.15   # the data's default masking probability
-MLM_PREDICTION_SIGMAS = 3.0      # rows gathered per sequence: mean + 3 std of Binomial(T, p)
+MLM_PREDICTION_SIGMAS = 3.0      # rows gathered: mean + 3 std of Binomial(tokens, p)
 CLM_CHUNK_ROWS = 512             # tokens (batch x length) per chunk of the CLM head
 
 
-def mlm_max_predictions(seq_len: int, p: float = MLM_PREDICTION_FRACTION,
+def mlm_max_predictions(tokens: int, p: float = MLM_PREDICTION_FRACTION,
                         sigmas: float = MLM_PREDICTION_SIGMAS) -> int:
-  """Rows gathered per sequence for the MLM head: mean + `sigmas` std of the number of masked
-  tokens, rounded up to a multiple of 8, at most seq_len."""
-  k = seq_len * p + sigmas * math.sqrt(seq_len * p * (1.0 - p))
-  return int(min(seq_len, 8 * math.ceil(k / 8.0)))
+  """Rows gathered for the MLM head out of `tokens` positions (the whole batch, B x T): mean
+  + `sigmas` std of the number of masked tokens, rounded up to a multiple of 8, at most
+  `tokens`."""
+  k = tokens * p + sigmas * math.sqrt(tokens * p * (1.0 - p))
+  return int(min(tokens, 8 * math.ceil(k / 8.0)))
 
 
-def bert_mlm_head(params, cfg, x):
-  """BERT's MLM head (transform, LayerNorm, tied decoder + bias) on hidden states x (..., D),
-  the same operations as models/bert.py for a floating-point model."""
+def _mlm_transform(params, cfg, x):
+  """BERT's MLM transform (dense, activation, LayerNorm) on hidden states x (..., D)."""
   from oqt_jax.models.layers import ACTIVATIONS, dtype_of
   dtype = dtype_of(cfg.dtype)
   t = params['mlm_transform']
@@ -113,41 +113,193 @@ def bert_mlm_head(params, cfg, x):
   hf = h.astype(jnp.float32)
   mu = jnp.mean(hf, axis=-1, keepdims=True)
   var = jnp.mean(jnp.square(hf - mu), axis=-1, keepdims=True)
-  h = ((hf - mu) * jax.lax.rsqrt(var + cfg.layer_norm_eps) * ln['scale'] + ln['bias']).astype(dtype)
+  return ((hf - mu) * jax.lax.rsqrt(var + cfg.layer_norm_eps) * ln['scale']
+          + ln['bias']).astype(dtype)
+
+
+def bert_mlm_head(params, cfg, x):
+  """BERT's MLM head (transform, LayerNorm, tied decoder + bias) on hidden states x (..., D),
+  the same operations as models/bert.py for a floating-point model."""
+  from oqt_jax.models.layers import dtype_of
+  dtype = dtype_of(cfg.dtype)
+  h = _mlm_transform(params, cfg, x)
   table = params['word_embeddings']['embedding'].astype(dtype)
-  return jnp.einsum('...d,vd->...v', h, table) + params['mlm_bias'].astype(dtype)
+  return (jnp.einsum('...d,vd->...v', h, table, preferred_element_type=jnp.float32)
+          + params['mlm_bias'].astype(dtype))
+
+
+class _MlmHead(NamedTuple):
+  """The static part of the fused MLM head: what `_mlm_transform` reads of the model config,
+  the batch groups and the rows per group of one pass."""
+  dtype: str
+  activation: str
+  layer_norm_eps: float
+  groups: int
+  rows: int
+
+
+def _mlm_rows(spec: _MlmHead, head, table, bias, hidden, pos, labels, weights, with_grads):
+  """Loss (and gradients) of the MLM head on the rows `pos` (G, k) of hidden (G, N, D), with
+  labels (G, N) and the rows' weights (G, k).
+
+  The decoder and its cross-entropy are differentiated by hand, so only the (G*k, V) logits
+  and one same-sized gradient exist: d_logits = (softmax - onehot) * w, d_bias its column
+  sum (as a product with ones: XLA:CPU's column reduction is far slower), d_h = d_logits @
+  table, and the table's gradient accumulated transposed (D, V) (the rows are the leading
+  dims of both operands: no copy of d_logits). The small transform (dense, activation,
+  LayerNorm) goes through jax.vjp."""
+  from oqt_jax.models.layers import dtype_of
+  dtype = dtype_of(spec.dtype)
+  g, k = pos.shape
+  xg = jnp.take_along_axis(hidden, pos[..., None], axis=1).reshape(g * k, hidden.shape[-1])
+  tg = jnp.take_along_axis(labels, pos, axis=1).reshape(g * k)
+  wg = weights.reshape(g * k)
+  transform = lambda hp, x: _mlm_transform(hp, spec, x)
+  if with_grads:
+    h, pull = jax.vjp(transform, head, xg)
+  else:
+    h = transform(head, xg)
+  tbl = table.astype(dtype)
+  logits = (jnp.einsum('nd,vd->nv', h, tbl, preferred_element_type=jnp.float32)
+            + bias.astype(dtype).astype(jnp.float32))
+  logz = jax.nn.logsumexp(logits, axis=-1)
+  picked = jnp.take_along_axis(logits, tg[:, None], axis=-1)[:, 0]
+  loss = jnp.sum((logz - picked) * wg)
+  if not with_grads:
+    return loss
+  d_logits = (jnp.exp(logits - logz[:, None])
+              - jax.nn.one_hot(tg, tbl.shape[0], dtype=jnp.float32)) * wg[:, None]
+  d_bias = jnp.einsum('n,nv->v', jnp.ones(wg.shape, jnp.float32), d_logits)
+  dl = d_logits.astype(dtype)
+  dh = jnp.einsum('nv,vd->nd', dl, tbl)
+  d_table_t = jnp.einsum('nd,nv->dv', h, dl, preferred_element_type=jnp.float32)
+  d_head, dx = pull(dh.astype(h.dtype))
+  return loss, d_head, d_table_t, d_bias, dx.reshape(g, k, -1)
+
+
+def _mlm_head_loss(spec: _MlmHead, head, table, bias, hidden, labels, weights, with_grads):
+  """hidden (B, T, D), labels and weights (B, T); the batch is split into spec.groups groups
+  of whole sequences (one per batch shard, so that no device needs another's rows). Each
+  group's masked rows when every group has at most spec.rows of them (one pass, top_k
+  positions, masked first), else every position in passes of spec.rows rows per group
+  (lax.cond; the same result either way)."""
+  b, t, d = hidden.shape
+  g, k = spec.groups, spec.rows
+  n = b * t // g
+  hidden, labels, weights = (hidden.reshape(g, n, d), labels.reshape(g, n),
+                             weights.reshape(g, n))
+  score = jnp.where(weights > 0, n - jnp.arange(n, dtype=jnp.int32), 0)
+  _, pos = jax.lax.top_k(score, k)
+  overflow = jnp.any(jnp.sum(weights > 0, axis=1) > k)
+  rows = functools.partial(_mlm_rows, spec, head, table, bias, hidden)
+  scatter = jax.vmap(lambda z, p, v: z.at[p].add(v))
+
+  def gathered(_):
+    out = rows(pos, labels, jnp.take_along_axis(weights, pos, axis=1), with_grads)
+    if not with_grads:
+      return out
+    loss, d_head, d_table_t, d_bias, dx = out
+    return loss, d_head, d_table_t, d_bias, scatter(jnp.zeros(hidden.shape, dx.dtype), pos, dx)
+
+  def full(_):
+    # Every position, m passes of k per group; positions past the end repeat the last one
+    # with weight 0.
+    m = -(-n // k)
+    all_pos = jnp.arange(m * k, dtype=jnp.int32).reshape(m, 1, k)
+    valid = jnp.broadcast_to(all_pos < n, (m, g, k))
+    all_pos = jnp.broadcast_to(jnp.minimum(all_pos, n - 1), (m, g, k))
+    w_all = jnp.where(valid, jax.vmap(lambda p: jnp.take_along_axis(weights, p, axis=1))(all_pos),
+                      0.0)
+
+    if not with_grads:
+      def body(acc, xs):
+        return acc + rows(xs[0], labels, xs[1], False), None
+      return jax.lax.scan(body, jnp.zeros((), jnp.float32), (all_pos, w_all))[0]
+
+    def body_grad(carry, xs):
+      loss, d_head, d_table_t, d_bias, dx = rows(xs[0], labels, xs[1], True)
+      return jax.tree.map(jnp.add, carry, (loss, d_head, d_table_t, d_bias)), dx
+    zero = lambda x: jnp.zeros(x.shape, x.dtype)
+    init = (jnp.zeros((), jnp.float32), jax.tree.map(zero, head),
+            jnp.zeros(table.shape[::-1], jnp.float32), jnp.zeros(bias.shape, jnp.float32))
+    (loss, d_head, d_table_t, d_bias), dx = jax.lax.scan(body_grad, init, (all_pos, w_all))
+    dx = jnp.moveaxis(dx, 0, 1).reshape(g, m * k, d)[:, :n]      # passes are in order
+    return loss, d_head, d_table_t, d_bias, dx
+
+  out = jax.lax.cond(overflow, full, gathered, None)
+  if not with_grads:
+    return out
+  loss, d_head, d_table_t, d_bias, dx = out
+  return loss, d_head, d_table_t, d_bias, dx.reshape(b, t, d)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def mlm_head_loss_sum(spec: _MlmHead, head, table, bias, hidden, labels, weights):
+  """Sum of weighted MLM cross-entropies of BERT's head (transform `head`, tied decoder
+  `table`, `bias`) on hidden (B, T, D), computed on the masked rows only; under
+  differentiation the gradients are formed in the forward pass (nothing of the head is kept
+  for the backward pass but the gradients themselves)."""
+  return _mlm_head_loss(spec, head, table, bias, hidden, labels, weights, with_grads=False)
+
+
+def _mlm_fwd(spec, head, table, bias, hidden, labels, weights):
+  loss, d_head, d_table_t, d_bias, dx = _mlm_head_loss(spec, head, table, bias, hidden, labels,
+                                                       weights, with_grads=True)
+  return loss, (d_head, d_table_t.T.astype(table.dtype), d_bias.astype(bias.dtype), dx)
+
+
+def _mlm_bwd(spec, res, g):
+  scale = lambda x: x * g.astype(x.dtype)
+  d_head, d_table, d_bias, dx = res
+  return jax.tree.map(scale, d_head), scale(d_table), scale(d_bias), scale(dx), None, None
+
+
+mlm_head_loss_sum.defvjp(_mlm_fwd, _mlm_bwd)
+
+
+def batch_shards(batch: int) -> int:
+  """How many devices the batch dimension is split over under the current mesh and logical
+  axis rules (the train / eval steps' activation context); 1 outside one."""
+  import flax.linen as nn
+  from oqt_jax.models.layers import logical_spec
+  rules = nn.get_logical_axis_rules()
+  mesh = jax.sharding.get_abstract_mesh()
+  if not rules or mesh.empty:
+    return 1
+  sizes = dict(mesh.shape)
+  spec = logical_spec(('batch',), (batch,), sizes, rules)
+  axes = spec[0] if len(spec) else None
+  axes = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+  return int(math.prod(sizes[a] for a in axes))
 
 
 def mlm_loss_gathered(params, cfg, hidden, labels, attention_mask=None,
-                      max_predictions: int | None = None):
+                      max_predictions: int | None = None, groups: int | None = None):
   """(sum, count) of the MLM loss computing the head only at masked positions.
 
-  Equal to mlm_loss(full logits, ...) in value and gradient. max_predictions rows are
-  gathered per sequence (default mlm_max_predictions(T)); if any sequence has more masked
-  tokens the full head is used for that batch.
+  Equal to mlm_loss(full logits, ...) in value and gradient. The batch is split into
+  `groups` groups of whole sequences (default: batch_shards(B), one per device holding
+  part of the batch) and max_predictions rows are gathered from each (default
+  mlm_max_predictions(tokens per group)); if a group has more masked tokens, every position
+  goes through the head (in passes of max_predictions rows per group).
   """
   weights = labels != IGNORE_INDEX
   if attention_mask is not None:
     weights = weights & (attention_mask > 0)
-  t = labels.shape[-1]
-  k = mlm_max_predictions(t) if max_predictions is None else int(max_predictions)
-  if k >= t:
-    return cross_entropy_sum(bert_mlm_head(params, cfg, hidden), labels, weights)
-  # Masked positions first, in order (top_k of a decreasing score over masked positions).
-  score = jnp.where(weights, t - jnp.arange(t, dtype=jnp.int32), 0)
-  _, pos = jax.lax.top_k(score, k)
-  overflow = jnp.any(jnp.sum(weights, axis=-1) > k)
-
-  def gathered(_):
-    xg = jnp.take_along_axis(hidden, pos[..., None], axis=-2)
-    return cross_entropy_sum(bert_mlm_head(params, cfg, xg),
-                             jnp.take_along_axis(labels, pos, axis=-1),
-                             jnp.take_along_axis(weights, pos, axis=-1))
-
-  def full(_):
-    return cross_entropy_sum(bert_mlm_head(params, cfg, hidden), labels, weights)
-
-  return jax.lax.cond(overflow, full, gathered, None)
+  b, t = labels.shape
+  g = batch_shards(b) if groups is None else int(groups)
+  if g < 1 or b % g:
+    raise ValueError(f'mlm_loss_gathered: {g} groups do not divide a batch of {b}')
+  n = b * t // g
+  k = mlm_max_predictions(n) if max_predictions is None else int(max_predictions)
+  k = max(1, min(k, n))
+  spec = _MlmHead(str(cfg.dtype), str(cfg.activation), float(cfg.layer_norm_eps), g, k)
+  head = {'mlm_transform': params['mlm_transform'], 'mlm_ln': params['mlm_ln']}
+  safe = jnp.where(weights, labels, 0).astype(jnp.int32)
+  wf = weights.astype(jnp.float32)
+  loss = mlm_head_loss_sum(spec, head, params['word_embeddings']['embedding'],
+                           params['mlm_bias'], hidden, safe, wf)
+  return loss, jnp.sum(wf)
 
 
 def _chunk_rows(x, n_chunks):
