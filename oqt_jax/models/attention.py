@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from oqt_jax.models.config import ModelConfig
-from oqt_jax.models.layers import Dense, constrain, dtype_of, normal_init, qact
+from oqt_jax.models.layers import Dense, Dropout, constrain, dtype_of, normal_init, qact
 
 HEAD_AXES = ('batch', 'heads', 'length', 'kv')
 SCORE_AXES = ('batch', 'heads', 'length', 'length_kv')
@@ -207,7 +207,7 @@ class MultiHeadAttention(nn.Module):
     if not self.is_initializing() and self.is_mutable_collection('attention'):
       self.sow('attention', 'probs', probs)   # apply(..., mutable=['attention']) reads them
     probs = qact(q, self, f'p{i}', probs, s_mask)
-    probs = nn.Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
+    probs = Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
     context = constrain(jnp.einsum('bhqk,bhkd->bhqd', probs.astype(value.dtype), value,
                                    preferred_element_type=jnp.float32), HEAD_AXES)
     if q is None:

@@ -24,8 +24,8 @@ import jax.numpy as jnp
 
 from oqt_jax.models.attention import MultiHeadAttention
 from oqt_jax.models.config import ModelConfig
-from oqt_jax.models.layers import (Dense, Embed, LayerNorm, constrain, dtype_of, ln_output, qact,
-                                   restore)
+from oqt_jax.models.layers import (Dense, Dropout, Embed, LayerNorm, constrain, dtype_of, ln_output,
+                                   qact, restore)
 from oqt_jax.models.outputs import ModelOutput
 
 EMBED_AXES = ('batch', 'length', 'embed')
@@ -48,7 +48,7 @@ class BertEmbeddings(nn.Module):
     x = constrain(qact(q, self, 'e', x, tok_mask), EMBED_AXES)
     x, f = ln_output(LayerNorm(point='eln', eps=cfg.layer_norm_eps, dtype=dtype, quant=q,
                                migrated=cfg.gamma_migrated, name='LayerNorm')(x, tok_mask))
-    x = constrain(nn.Dropout(cfg.hidden_dropout)(x, deterministic=deterministic), EMBED_AXES)
+    x = constrain(Dropout(cfg.hidden_dropout)(x, deterministic=deterministic), EMBED_AXES)
     return x if f is None else (x, f)
 
 
@@ -62,7 +62,7 @@ class BertLayer(nn.Module):
     """x: the layer input (B, T, D); x_scale: its migrated factor (gamma_migrated models)."""
     cfg, i, q = self.cfg, self.layer, self.quant
     dtype = dtype_of(cfg.dtype)
-    drop = lambda t: nn.Dropout(cfg.hidden_dropout)(t, deterministic=deterministic)
+    drop = lambda t: Dropout(cfg.hidden_dropout)(t, deterministic=deterministic)
     ln = lambda point, name, mig=cfg.gamma_migrated: LayerNorm(
         point=f'{point}{i}', eps=cfg.layer_norm_eps, dtype=dtype, quant=q, migrated=mig,
         name=name)
@@ -125,7 +125,7 @@ class Bert(nn.Module):
     if head == 'cls':
       pooled = Dense(cfg.hidden_size, point='P', activation='tanh', kernel_axes=('embed', 'mlp'),
                      init_std=cfg.init_std, dtype=dtype, quant=q, name='pooler')(x[:, 0])
-      pooled_d = nn.Dropout(cfg.hidden_dropout)(pooled, deterministic=deterministic)
+      pooled_d = Dropout(cfg.hidden_dropout)(pooled, deterministic=deterministic)
       logits = Dense(cfg.num_labels, point='C', wpoint='wC', kernel_axes=('embed', 'classes'),
                      init_std=cfg.init_std, dtype=dtype, quant=q, name='classifier')(pooled_d)
     elif head == 'mlm':

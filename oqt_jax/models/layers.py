@@ -112,6 +112,62 @@ ACTIVATIONS: dict[str, Callable] = {
 }
 
 
+DROPOUT_BITS = 16   # each kept / dropped draw compares 16 random bits against a threshold
+
+
+def dropout_keep_mask(rng, shape, rate: float):
+  """(keep, scale) for dropout at `rate` over an array of `shape`: keep is a bool array,
+  True with probability q = round((1 - rate) * 2^16) / 2^16 (within 2^-17 of 1 - rate), and
+  scale = 1 / q, so that E[keep * scale] = 1 exactly.
+
+  The bits come from JAX's Threefry-2x32 hash keyed by two words drawn from `rng` (any JAX
+  key), counting over the array's positions; each hash gives two 32-bit words, split into
+  four 16-bit draws along the last axis (jax.random.bernoulli hashes once per element and
+  uses 23 bits of it: this does a quarter of the hashing). The counters are computed per
+  dimension (no flattening), so the mask is the same on any mesh and each device computes
+  only its own part."""
+  from jax.extend.random import threefry2x32_p
+  shape = tuple(int(d) for d in shape)
+  shape1 = shape or (1,)
+  per = 4
+  last = shape1[-1]
+  bshape = shape1[:-1] + (-(-last // per),)
+  inner = 1
+  for d in bshape[1:]:
+    inner *= d
+  if inner >= 2 ** 32 or bshape[0] >= 2 ** 32:
+    raise ValueError(f'dropout over {shape}: too many positions for 32-bit counters')
+  # Counter words: (position within one row of the leading axis, index along it).
+  c0 = jnp.zeros(bshape, jnp.uint32)
+  stride = 1
+  for d in reversed(range(1, len(bshape))):
+    c0 = c0 + jax.lax.broadcasted_iota(jnp.uint32, bshape, d) * jnp.uint32(stride)
+    stride *= bshape[d]
+  c1 = jax.lax.broadcasted_iota(jnp.uint32, bshape, 0)
+  k = jax.random.bits(rng, (2,), jnp.uint32)
+  w0, w1 = threefry2x32_p.bind(k[0], k[1], c0, c1)
+  mask16 = jnp.uint32(0xFFFF)
+  draws = jnp.stack([w0 & mask16, w0 >> 16, w1 & mask16, w1 >> 16], axis=-1)
+  draws = draws.reshape(bshape[:-1] + (per * bshape[-1],))[..., :last].reshape(shape)
+  threshold = int(round((1.0 - rate) * 2 ** DROPOUT_BITS))
+  return draws < jnp.uint32(threshold), 2.0 ** DROPOUT_BITS / threshold
+
+
+class Dropout(nn.Module):
+  """Inverted dropout (training: x * keep / q, see dropout_keep_mask; deterministic: x) with
+  the mask drawn from the module's 'dropout' RNG stream, as flax.linen.Dropout."""
+  rate: float
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool = True):
+    if deterministic or self.rate == 0.0:
+      return x
+    if int(round((1.0 - self.rate) * 2 ** DROPOUT_BITS)) == 0:
+      return jnp.zeros_like(x)
+    keep, scale = dropout_keep_mask(self.make_rng('dropout'), x.shape, self.rate)
+    return jnp.where(keep, x * jnp.asarray(scale, x.dtype), jnp.zeros((), x.dtype))
+
+
 class Dense(nn.Module):
   """y = act(x @ W + b); W of shape (in, out) (the transpose of torch's Linear weight).
 

@@ -23,8 +23,8 @@ import jax.numpy as jnp
 
 from oqt_jax.models.attention import MultiHeadAttention
 from oqt_jax.models.config import ModelConfig
-from oqt_jax.models.layers import (Dense, Embed, LayerNorm, constrain, dtype_of, ln_output, qact,
-                                   restore)
+from oqt_jax.models.layers import (Dense, Dropout, Embed, LayerNorm, constrain, dtype_of, ln_output,
+                                   qact, restore)
 
 EMBED_AXES = ('batch', 'length', 'embed')
 from oqt_jax.models.outputs import ModelOutput
@@ -50,7 +50,7 @@ class OptLayer(nn.Module):
     cfg, i, q = self.cfg, self.layer, self.quant
     dtype = dtype_of(cfg.dtype)
     pre = cfg.do_layer_norm_before
-    drop = lambda t: nn.Dropout(cfg.hidden_dropout)(t, deterministic=deterministic)
+    drop = lambda t: Dropout(cfg.hidden_dropout)(t, deterministic=deterministic)
     ln = lambda point, name, mig=cfg.gamma_migrated: LayerNorm(
         point=f'{point}{i}', eps=cfg.layer_norm_eps, dtype=dtype, quant=q, migrated=mig,
         name=name)
