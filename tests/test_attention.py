@@ -53,6 +53,24 @@ def test_clipped_softmax_matches_numpy_and_has_exact_zeros(gamma, zeta):
     assert float(clipped_softmax(jnp.asarray(x_peaked), gamma, zeta)[0, 0]) == 1.0
 
 
+def test_clip01_value_and_derivative_equal_jnp_clip():
+  """clip01 (one select for the derivative) equals jnp.clip(z, 0, 1) in value and gradient,
+  the bounds' 1/2 included; so does the clipped softmax of a saturated row (z = 1 exactly)."""
+  from oqt_jax.models.attention import clip01
+  z = jnp.asarray([-1.0, 0.0, 0.3, 1.0, 2.0])
+  ref = lambda v: jnp.clip(v, 0.0, 1.0)
+  np.testing.assert_array_equal(np.asarray(clip01(z)), np.asarray(ref(z)))
+  for f in (clip01, ref):
+    assert [float(jax.grad(f)(v)) for v in z] == [0.0, 0.5, 1.0, 0.5, 0.0]
+  x = jnp.asarray(np.random.default_rng(2).normal(size=(3, 8)).astype(np.float32) * 3)
+  x = x.at[0, 0].set(200.0)                      # softmax row 0 saturates: p = 1, z = 1
+  w = jnp.asarray(np.random.default_rng(3).normal(size=(3, 8)).astype(np.float32))
+  ref_sm = lambda v: jnp.clip(1.025 * jax.nn.softmax(v) - 0.025, 0.0, 1.0)
+  g = jax.grad(lambda v: jnp.sum(clipped_softmax(v, -0.025, 1.0) * w))(x)
+  g_ref = jax.grad(lambda v: jnp.sum(ref_sm(v) * w))(x)
+  np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), rtol=1e-6, atol=1e-7)
+
+
 def test_clipped_softmax_gradient_zero_where_clipped():
   gamma, zeta = -0.2, 1.0
   x = jnp.asarray(np.random.default_rng(1).normal(size=(16,)).astype(np.float32) * 2)

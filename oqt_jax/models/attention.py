@@ -38,12 +38,29 @@ HEAD_AXES = ('batch', 'heads', 'length', 'kv')
 SCORE_AXES = ('batch', 'heads', 'length', 'length_kv')
 
 
+@jax.custom_jvp
+def clip01(z):
+  """jnp.clip(z, 0, 1) with the same derivative (1 inside, 0 outside, 1/2 on a bound), as one
+  select on z: jnp.clip's derivative (through max and min, with their tie rule) costs XLA
+  several passes over the array."""
+  return jnp.clip(z, 0.0, 1.0)
+
+
+@clip01.defjvp
+def _clip01_jvp(primals, tangents):
+  (z,), (dz,) = primals, tangents
+  one, half, zero = (jnp.asarray(v, z.dtype) for v in (1.0, 0.5, 0.0))
+  inside = (z > zero) & (z < one)
+  factor = jnp.where(inside, one, jnp.where((z == zero) | (z == one), half, zero))
+  return clip01(z), dz * factor
+
+
 def clipped_softmax(x, gamma: float = 0.0, zeta: float = 1.0, axis: int = -1):
   """Stretched-and-clipped softmax; gradient is zero where the output is clipped."""
   p = jax.nn.softmax(x, axis=axis)
   if gamma == 0.0 and zeta == 1.0:
     return p
-  return jnp.clip((zeta - gamma) * p + gamma, 0.0, 1.0)
+  return clip01((zeta - gamma) * p + gamma)
 
 
 def sink_softmax(x, sink_logit=0.0, axis: int = -1):
