@@ -24,6 +24,7 @@ them up), so a plain `model.apply` on one device, HF loading and calibration are
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import flax.linen as nn
@@ -112,29 +113,38 @@ ACTIVATIONS: dict[str, Callable] = {
 }
 
 
-DROPOUT_BITS = 16   # each kept / dropped draw compares 16 random bits against a threshold
+def threefry2x32(k0, k1, x0, x1):
+  """Threefry-2x32 (20 rounds; Salmon et al. 2011): the hash of JAX's default PRNG, the same
+  words as jax.extend.random.threefry2x32_p, written out so that XLA fuses all rounds into
+  one elementwise pass (on CPU JAX lowers the primitive to a rolled loop of five passes)."""
+  u32 = lambda v: jnp.asarray(v, jnp.uint32)
+  rotl = lambda v, r: (v << u32(r)) | (v >> u32(32 - r))
+  ks = (k0, k1, k0 ^ k1 ^ u32(0x1BD11BDA))
+  x0, x1 = x0 + ks[0], x1 + ks[1]
+  rotations = ((13, 15, 26, 6), (17, 29, 16, 24))
+  for i in range(5):
+    for r in rotations[i % 2]:
+      x0 = x0 + x1
+      x1 = rotl(x1, r) ^ x0
+    x0 = x0 + ks[(i + 1) % 3]
+    x1 = x1 + ks[(i + 2) % 3] + u32(i + 1)
+  return x0, x1
 
 
 def dropout_keep_mask(rng, shape, rate: float):
-  """(keep, scale) for dropout at `rate` over an array of `shape`: keep is a bool array,
-  True with probability q = round((1 - rate) * 2^16) / 2^16 (within 2^-17 of 1 - rate), and
-  scale = 1 / q, so that E[keep * scale] = 1 exactly.
+  """Bool array of `shape`, True with probability 1 - rate (to 2^-32).
 
-  The bits come from JAX's Threefry-2x32 hash keyed by two words drawn from `rng` (any JAX
-  key), counting over the array's positions; each hash gives two 32-bit words, split into
-  four 16-bit draws along the last axis (jax.random.bernoulli hashes once per element and
-  uses 23 bits of it: this does a quarter of the hashing). The counters are computed per
+  Each 32-bit draw is compared with round((1 - rate) 2^32). The draws come from Threefry-2x32
+  keyed by two words drawn from `rng` (any JAX key), counting over the array's positions:
+  both words of each hash are used, along the last axis (jax.random.bernoulli hashes once
+  per element), and the hash is unrolled (threefry2x32). The counters are computed per
   dimension (no flattening), so the mask is the same on any mesh and each device computes
   only its own part."""
-  from jax.extend.random import threefry2x32_p
   shape = tuple(int(d) for d in shape)
   shape1 = shape or (1,)
-  per = 4
   last = shape1[-1]
-  bshape = shape1[:-1] + (-(-last // per),)
-  inner = 1
-  for d in bshape[1:]:
-    inner *= d
+  bshape = shape1[:-1] + (-(-last // 2),)
+  inner = math.prod(bshape[1:])
   if inner >= 2 ** 32 or bshape[0] >= 2 ** 32:
     raise ValueError(f'dropout over {shape}: too many positions for 32-bit counters')
   # Counter words: (position within one row of the leading axis, index along it).
@@ -145,27 +155,27 @@ def dropout_keep_mask(rng, shape, rate: float):
     stride *= bshape[d]
   c1 = jax.lax.broadcasted_iota(jnp.uint32, bshape, 0)
   k = jax.random.bits(rng, (2,), jnp.uint32)
-  w0, w1 = threefry2x32_p.bind(k[0], k[1], c0, c1)
-  mask16 = jnp.uint32(0xFFFF)
-  draws = jnp.stack([w0 & mask16, w0 >> 16, w1 & mask16, w1 >> 16], axis=-1)
-  draws = draws.reshape(bshape[:-1] + (per * bshape[-1],))[..., :last].reshape(shape)
-  threshold = int(round((1.0 - rate) * 2 ** DROPOUT_BITS))
-  return draws < jnp.uint32(threshold), 2.0 ** DROPOUT_BITS / threshold
+  w0, w1 = threefry2x32(k[0], k[1], c0, c1)
+  draws = jnp.stack([w0, w1], axis=-1).reshape(bshape[:-1] + (2 * bshape[-1],))
+  draws = draws[..., :last].reshape(shape)
+  threshold = min(int(round((1.0 - rate) * 2 ** 32)), 2 ** 32 - 1)
+  return draws < jnp.uint32(threshold)
 
 
 class Dropout(nn.Module):
-  """Inverted dropout (training: x * keep / q, see dropout_keep_mask; deterministic: x) with
-  the mask drawn from the module's 'dropout' RNG stream, as flax.linen.Dropout."""
+  """Inverted dropout (training: x * keep / (1 - rate), keep from dropout_keep_mask;
+  deterministic: x) with the mask drawn from the module's 'dropout' RNG stream, as
+  flax.linen.Dropout."""
   rate: float
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
     if deterministic or self.rate == 0.0:
       return x
-    if int(round((1.0 - self.rate) * 2 ** DROPOUT_BITS)) == 0:
+    if self.rate >= 1.0:
       return jnp.zeros_like(x)
-    keep, scale = dropout_keep_mask(self.make_rng('dropout'), x.shape, self.rate)
-    return jnp.where(keep, x * jnp.asarray(scale, x.dtype), jnp.zeros((), x.dtype))
+    keep = dropout_keep_mask(self.make_rng('dropout'), x.shape, self.rate)
+    return jnp.where(keep, x / jnp.asarray(1.0 - self.rate, x.dtype), jnp.zeros((), x.dtype))
 
 
 class Dense(nn.Module):
