@@ -84,6 +84,13 @@ def torch_linear_init(fan_in: int):
   return init
 
 
+def block_diagonal(w):
+  """(H, a, b) per-head matrices -> the (H*a, H*b) block-diagonal matrix."""
+  h, a, b = w.shape
+  eye = jnp.eye(h, dtype=w.dtype)
+  return (w[:, :, None, :] * eye[:, None, :, None]).reshape(h * a, h * b)
+
+
 def split_heads(x, num_heads):
   """(B, T, H*d) -> (B, H, T, d)."""
   b, t, _ = x.shape
@@ -135,7 +142,10 @@ class AttentionGate(nn.Module):
       b = self.param('bias', part(bias0, ('gate',)), (h,), jnp.float32)
       logits = (jnp.einsum('btd,dh->bht', xf, w) + b[None, :, None])[..., None]
     else:
-      xh = xf.reshape(xf.shape[0], xf.shape[1], h, d)   # (B, T, H, d)
+      # Per-head maps as one product with a block-diagonal matrix over the flat (B, T, H*d)
+      # features (head h's block in rows h*d.., columns h*e..): the same sums (the other
+      # heads' terms are exact zeros) as a batched per-head product, without the transposes
+      # XLA puts around a batch dimension in the middle.
       if cfg.gate_mlp or cfg.gate_mlp2:
         d4 = d if cfg.gate_mlp2 else d // 4
         w1 = self.param('kernel1', part(w_init(d), ('gate', None, None)), (h, d, d4),
@@ -143,13 +153,13 @@ class AttentionGate(nn.Module):
         b1 = self.param('bias1', part(b_init(d), ('gate', None)), (h, d4), jnp.float32)
         w2 = self.param('kernel2', part(w_init(d4), ('gate', None)), (h, d4), jnp.float32)
         b2 = self.param('bias2', part(bias0, ('gate',)), (h,), jnp.float32)
-        hid = jax.nn.relu(jnp.einsum('bthd,hde->bhte', xh, w1) + b1[None, :, None, :])
-        logits = jnp.einsum('bhte,he->bht', hid, w2) + b2[None, :, None]
+        hid = jax.nn.relu(jnp.einsum('btf,fg->btg', xf, block_diagonal(w1)) + b1.reshape(-1))
+        logits = jnp.einsum('btg,gh->bth', hid, block_diagonal(w2[..., None])) + b2
       else:
         w = self.param('kernel', part(w_init(d), ('gate', None)), (h, d), jnp.float32)
         b = self.param('bias', part(bias0, ('gate',)), (h,), jnp.float32)
-        logits = jnp.einsum('bthd,hd->bht', xh, w) + b[None, :, None]
-      logits = logits[..., None]                          # (B, H, T, 1)
+        logits = jnp.einsum('btf,fh->bth', xf, block_diagonal(w[..., None])) + b
+      logits = jnp.swapaxes(logits, 1, 2)[..., None]      # (B, H, T, 1)
     if cfg.gate == 'conditional_per_head':
       logits = jnp.mean(logits, axis=2, keepdims=True)    # (B, H, 1, 1)
     pi = jax.nn.sigmoid(logits)
