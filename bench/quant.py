@@ -34,8 +34,13 @@ from oqt_jax.train import losses  # noqa: E402
 
 
 def eval_fn(model, head):
+  """The loss of eval.py's evaluation step (OPT: LM head and loss chunk by chunk)."""
   def f(variables, batch):
-    out = model.apply(variables, **quant.model_inputs(model, batch))
+    inputs = quant.model_inputs(model, batch)
+    if head == 'clm':
+      out = model.apply(variables, **inputs, loss_labels=batch['labels'])
+      return out.lm_loss
+    out = model.apply(variables, **inputs)
     return losses.loss_for_head(head, out.logits, batch)
   return jax.jit(f)
 

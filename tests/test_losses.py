@@ -197,3 +197,44 @@ def test_train_loss_takes_the_plain_path_for_quantized_or_other_heads(bert):
   no_model = losses.train_loss(None, 'mlm', out, params, batch)
   np.testing.assert_allclose(float(fast[0]), float(plain[0]), rtol=1e-6)
   assert float(no_model[0]) == float(plain[0])
+
+
+def test_eval_num_chunks():
+  assert losses.eval_num_chunks(16, 128) == 4          # 512 tokens a chunk
+  assert losses.eval_num_chunks(2, 16) == 1
+  assert losses.eval_num_chunks(64, 2048) == 8         # unrolled: at most 8
+  assert losses.eval_num_chunks(64, 2047) == 1         # 2047 = 23 x 89: no divisor up to 8
+  assert losses.eval_num_chunks(4, 32, chunk_rows=32) == 4
+
+
+def _eval_losses(model, variables, batch):
+  full = model.apply(variables, batch['input_ids'], batch['attention_mask'])
+  ref = losses.clm_loss(full.logits, batch['labels'], batch['attention_mask'])
+  out = model.apply(variables, batch['input_ids'], batch['attention_mask'],
+                    loss_labels=batch['labels'])
+  return ref, out
+
+
+def test_eval_lm_loss_by_chunks_equals_the_full_logits_loss(opt, monkeypatch):
+  """OPT called with loss_labels: head + loss in 4 chunks of positions, floating point and
+  W8A8 with frozen ranges (every point quantized, the LM head and its logits too), equal to the
+  loss of the full logits; modes whose quantizers see the whole tensor keep the full head."""
+  from oqt_jax import quant
+  monkeypatch.setattr(losses, 'CLM_CHUNK_ROWS', B * T // 4)
+  model, params = opt
+  batch = {k: jnp.asarray(v) for k, v in _clm_batch(3).items()}
+  cal = [{k: jnp.asarray(v) for k, v in _clm_batch(s).items()} for s in (4, 5)]
+  qcfg = quant.config(n_bits=8, n_bits_act=8, quant_setup='all', est_num_batches=2)
+  qmodel, qvars = quant.calibrate(model, {'params': params}, cal, qcfg)
+  for mdl, var in ((model, {'params': params}), (qmodel, qvars)):
+    ref, out = _eval_losses(mdl, var, batch)
+    assert out.logits is None
+    assert float(out.lm_loss[1]) == float(ref[1])
+    np.testing.assert_allclose(float(out.lm_loss[0]), float(ref[0]), rtol=1e-6)
+  # The quantized model's loss differs from the FP one (the head is really quantized).
+  assert abs(float(_eval_losses(qmodel, qvars, batch)[1].lm_loss[0])
+             - float(_eval_losses(model, {'params': params}, batch)[1].lm_loss[0])) > 1e-4
+  dyn = qmodel.clone(quant=qmodel.quant.with_mode('dynamic'))
+  ref, out = _eval_losses(dyn, qvars, batch)
+  assert out.logits is not None
+  np.testing.assert_allclose(float(out.lm_loss[0]), float(ref[0]), rtol=1e-6)

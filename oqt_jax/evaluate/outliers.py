@@ -155,13 +155,17 @@ def make_eval_step(model, return_tensors: bool = True):
   def step(variables, batch):
     inputs = {k: batch[k] for k in MODEL_INPUTS[mtype] if k in batch}
     mask = batch['attention_mask']
+    labels = batch.get('labels')
+    if head == 'clm' and mtype == 'opt' and labels is not None:
+      inputs['loss_labels'] = labels   # the LM head and its loss chunk by chunk
     out, state = model.apply(variables, **inputs, mutable=['intermediates'])
     tensors = collect_tensors(state['intermediates'], mtype)
-    labels = batch.get('labels')
     w = sequence_weight(labels if head in ('mlm', 'clm') else None, mask)
     sums = {name: tensor_sums(x, mask, w, kurtosis=_kurtosis_of(name, mtype))
             for name, x in tensors.items()}
-    if head in ('mlm', 'clm', 'cls') and labels is not None and out.logits is not None:
+    if out.lm_loss is not None:
+      sums['_loss'] = {'ce_sum': out.lm_loss[0], 'n_tokens': out.lm_loss[1]}
+    elif head in ('mlm', 'clm', 'cls') and labels is not None and out.logits is not None:
       ce, n = losses.loss_for_head(head, out.logits, batch)   # the training loss
       sums['_loss'] = {'ce_sum': ce, 'n_tokens': n}
     return sums, (tensors if return_tensors else None)

@@ -98,8 +98,16 @@ class OptLayer(nn.Module):
     return x if f is None else (x, f)
 
 
+# Quantization-hook modes in which every quantizer acts on each token's values alone (ranges
+# read from the store, or none), so the LM head can run on chunks of positions.
+ROW_WISE_QUANT_MODES = ('frozen', 'fp')
+
+
 class Opt(nn.Module):
   """OPT decoder with the head of cfg.resolved_head: 'clm' (tied LM head) | 'none'.
+
+  loss_labels (B, T): also return the causal-LM loss as ModelOutput.lm_loss (sum, count),
+  computed chunk by chunk without returning the logits where the hooks allow (evaluation).
 
   decode=True: incremental decoding with the key / value cache (models/generate.py):
   input_ids (B, t) are the tokens at positions [cache_index, cache_index + t) of a sequence
@@ -112,7 +120,7 @@ class Opt(nn.Module):
   @nn.compact
   def __call__(self, input_ids, attention_mask=None, position_ids=None,
                deterministic: bool = True, decode: bool = False,
-               cache_index=None) -> ModelOutput:
+               cache_index=None, loss_labels=None) -> ModelOutput:
     cfg, q = self.cfg, self.quant
     dtype = dtype_of(cfg.dtype)
     b, t = input_ids.shape
@@ -167,10 +175,22 @@ class Opt(nn.Module):
                 init_std=cfg.init_std, dtype=dtype, quant=q, name='project_out')(x, tok_mask)
     hidden.append(x)
 
-    logits = None
+    logits = lm_loss = None
     if cfg.resolved_head == 'clm':
-      logits = qact(q, self, 'M', word.attend(x, wpoint='wM'), tok_mask)
-      logits = constrain(logits, ('batch', 'length', 'vocab'))
+      head = lambda h, m: constrain(qact(q, self, 'M', word.attend(h, wpoint='wM'), m),
+                                    ('batch', 'length', 'vocab'))
+      if loss_labels is not None and not decode:
+        from oqt_jax.train import losses  # pylint: disable=import-outside-toplevel
+        if q is None or getattr(q, 'mode', None) in ROW_WISE_QUANT_MODES:
+          # Evaluation: head + cross-entropy chunk by chunk (losses.clm_loss_by_chunks).
+          lm_loss = losses.clm_loss_by_chunks(lambda h, sl: head(h, tok_mask[:, sl]), x,
+                                              loss_labels, attention_mask)
+        else:   # the hooks see the whole tensor (calibration, dynamic ranges)
+          logits = head(x, tok_mask)
+          lm_loss = losses.clm_loss(logits, loss_labels, attention_mask)
+      else:
+        logits = head(x, tok_mask)
     elif cfg.resolved_head not in ('none',):
       raise ValueError(f'model.head={cfg.head!r} is not supported for OPT')
-    return ModelOutput(logits=logits, hidden_states=tuple(hidden), last_hidden_state=x)
+    return ModelOutput(logits=logits, hidden_states=tuple(hidden), last_hidden_state=x,
+                       lm_loss=lm_loss)
