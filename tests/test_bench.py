@@ -1,5 +1,5 @@
-"""bench/: the shared shapes and the GPU mode's refusal without a GPU (the timed runs are
-scripts, not tests)."""
+"""bench/: the shared shapes, the GPU mode's refusal without a GPU and its worker path on the
+CPU (the timed runs are scripts, not tests)."""
 import os
 import subprocess
 import sys
@@ -36,3 +36,17 @@ def test_gpu_mode_without_a_gpu_says_so():
                      cwd=testing.REPO_ROOT)
   assert r.returncode == 1
   assert 'error: --device gpu: no GPU' in r.stdout
+
+
+def test_gpu_mode_worker_runs_a_bfloat16_step_on_cpu():
+  """The GPU mode's worker path (bfloat16 model, one-device mesh, timed steps), exercised on
+  the CPU at a tiny shape, so that a GPU run does not meet it for the first time."""
+  import common   # noqa: E402  (bench/common.py)
+  shape = dict(num_layers=1, hidden_size=32, num_heads=2, intermediate_size=64, seq_len=16,
+               batch=2)
+  with common.Worker('oqt_jax', 'jax_worker.py', env=common.child_env(cpu=True)) as w:
+    info = w.call(cmd='setup', model_type='bert', variant='vanilla', shape=shape, warmup=1,
+                  dtype='bfloat16', mesh=dict(data=1, fsdp=1, tensor=1))
+    times = w.call(cmd='time', steps=2)['times']
+  assert info['compile_s'] > 0
+  assert len(times) == 2 and all(t > 0 for t in times)
