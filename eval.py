@@ -1,12 +1,13 @@
 """Evaluate a trained model: perplexity, outlier statistics, and (--quantize) W8A8 PTQ.
 
+  python eval.py --hf_model /path/to/hf_dir [--quantize]   # model, tokenizer from the dir
   python eval.py --config configs/tiny_bert_clipped_softmax.py --workdir runs/tiny_bert
   python eval.py --config configs/opt_125m_gated_attention.py --workdir runs/opt --quantize \
       --config.quant.quant_setup=fp32_head --config.quant.est_num_batches=4
   python eval.py --config configs/tiny_opt_gated_attention.py --workdir runs/tiny_opt \
       --prompt "the history of" --max_new_tokens 20 [--temperature 0.8 --top_k 40]
   python eval.py --config configs/bert_base_vanilla.py --workdir out --hf_model /path/to/hf_dir \
-      --quantize --config.quant.quant_dict="{'x': 16, 'h': 16, 'y': 16}"
+      --quantize --config.quant.quant_dict="{'x': 16, 'h': 16, 'y': 16}" --out w8a16
   python eval.py --config configs/tiny_opt_vanilla.py --workdir runs/opt --compare \
       --methods=fp,w8a8_minmax,llm_int8,weight_only
   python eval.py --config configs/tiny_opt_vanilla.py --workdir runs/tiny_opt --quantize \
@@ -22,12 +23,20 @@ oqt_jax.quant.methods ('' = plain calibration, outlier_suppression, smoothquant,
 method's preset (e.g. W6A6 per-channel weights, 256 calibration samples for
 outlier_suppression) fills every quant field not given on the command line.
 
-Loads --hf_model, or the newest of WORKDIR/hf and WORKDIR/checkpoints. Prints a per-layer
-table and the summary, writes WORKDIR/eval_metrics.json, eval_per_layer.png and
-eval_histogram.png. Exit status 2 with one line `error: ...` on a bad config, data or
+Loads --hf_model, or the newest of WORKDIR/hf and WORKDIR/checkpoints. Without --config:
+the model settings come from the checkpoint, the data from the embedded corpus (--hf_model)
+or from the run's WORKDIR/config.json. On a workdir the data settings the run recorded in
+WORKDIR/config.json are used unless given on the command line; a checkpoint dir's tokenizer
+is used unless --config.data.tokenizer is given. Prints a per-layer table and the summary,
+writes WORKDIR/eval_NAME.json, eval_NAME_per_layer.png and eval_NAME_histogram.png (NAME:
+--out, or fp / w8a8 / w4a8_adaround / ... from what was evaluated) and eval_metrics.json (a
+copy of the newest). Exit status 2 with one line `error: ...` on a bad config, data or
 checkpoint, or a model with non-finite parameters or loss.
 """
+import os
 import sys
+
+os.environ.setdefault('TRANSFORMERS_VERBOSITY', 'error')   # no "PyTorch was not found" notice
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -36,7 +45,10 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py).',
                                 lock_config=False)
 flags.DEFINE_string('workdir', None, 'Run directory of train.py (hf/ or checkpoints/); '
-                    'eval_metrics.json and the plots are written there.')
+                    'eval_NAME.json and the plots are written there (default with '
+                    '--hf_model: that dir).')
+flags.DEFINE_string('out', None, 'NAME of this evaluation\'s files (eval_NAME.json, '
+                    'eval_NAME_*.png); default from what is evaluated (fp, w8a8, ...).')
 flags.DEFINE_string('hf_model', None, 'Evaluate this HF checkpoint dir (with its tokenizer) '
                     'instead of the workdir run.')
 flags.DEFINE_bool('quantize', False, 'Also calibrate and evaluate the quantized model '
@@ -55,13 +67,22 @@ flags.DEFINE_string('prompt', None, 'OPT models: print a continuation of this te
 flags.DEFINE_integer('max_new_tokens', 20, '--prompt: tokens to generate.')
 flags.DEFINE_float('temperature', 0.0, '--prompt: 0 = greedy, > 0 = sampling temperature.')
 flags.DEFINE_integer('top_k', 0, '--prompt: sample among the top k tokens (0 = all).')
-flags.mark_flags_as_required(['config', 'workdir'])
+flags.DEFINE_integer('seed', None, '--prompt: sampling seed (default config.seed).')
 
 
 def _explicit_quant_fields(args):
   """The config.quant fields set on the command line (--config.quant.NAME[=VALUE])."""
   prefix = '--config.quant.'
   return [a[len(prefix):].split('=', 1)[0] for a in args if a.startswith(prefix)]
+
+
+def _check_quant_flags(explicit, quantize: bool):
+  """--config.quant.* without --quantize or a method would be ignored: an error instead."""
+  from oqt_jax.errors import ConfigError
+  fields = [f for f in explicit if f.startswith('quant.') and f != 'quant.method']
+  if fields and not quantize and not FLAGS.compare and not FLAGS.methods:
+    raise ConfigError(f'--config.{fields[0]}: a quantization setting without --quantize (or '
+                      '--config.quant.method); add --quantize to evaluate the quantized model')
 
 
 def main(argv):
@@ -71,31 +92,60 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   from oqt_jax.errors import CheckpointError, ConfigError, DataError
   try:
-    from oqt_jax.evaluate.run import evaluate_run, generate_text
+    from oqt_jax.evaluate.run import eval_config, evaluate_run, explicit_fields, generate_text
+    workdir = FLAGS.workdir
+    if FLAGS.hf_model:
+      from oqt_jax.data.sources import unreachable_name
+      why = unreachable_name(FLAGS.hf_model)
+      if why:
+        raise CheckpointError(f'--hf_model={FLAGS.hf_model}: {why}')
+    if not workdir and FLAGS.hf_model:   # results beside the checkpoint
+      if not os.path.isdir(os.path.expanduser(FLAGS.hf_model)):
+        raise ConfigError(f'--workdir: needed with --hf_model={FLAGS.hf_model} (not a local '
+                          'directory to write the results beside)')
+      workdir = os.path.expanduser(FLAGS.hf_model)
+    if not workdir:
+      raise ConfigError('--workdir: needed (a train.py run directory), or --hf_model DIR')
+    explicit = explicit_fields(sys.argv[1:])
+    config = eval_config(FLAGS.config, workdir, FLAGS.hf_model, explicit)
+    if _LATE_OVERRIDES:
+      from oqt_jax.config import apply_overrides
+      config = apply_overrides(config, _LATE_OVERRIDES)
+    method = config.get('quant', {}).get('method', '')
+    _check_quant_flags(explicit, FLAGS.quantize or bool(method))
     if FLAGS.prompt is not None:
-      generate_text(FLAGS.config, FLAGS.workdir, FLAGS.prompt, hf_model=FLAGS.hf_model,
+      generate_text(config, workdir, FLAGS.prompt, hf_model=FLAGS.hf_model,
                     max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
-                    top_k=FLAGS.top_k, quantize=FLAGS.quantize, progress=FLAGS.progress)
+                    top_k=FLAGS.top_k, quantize=FLAGS.quantize, progress=FLAGS.progress,
+                    seed=FLAGS.seed)
       return
     if FLAGS.compare or FLAGS.methods:
       from oqt_jax.evaluate.comparison import compare_run
-      compare_run(FLAGS.config, FLAGS.workdir, methods=FLAGS.methods, hf_model=FLAGS.hf_model,
+      compare_run(config, workdir, methods=FLAGS.methods, hf_model=FLAGS.hf_model,
                   num_batches=FLAGS.num_batches, batch_size=FLAGS.batch_size,
                   plots_on=FLAGS.plots, progress=FLAGS.progress)
       return
-    method = FLAGS.config.get('quant', {}).get('method', '')
-    evaluate_run(FLAGS.config, FLAGS.workdir, quantize=FLAGS.quantize or bool(method),
+    evaluate_run(config, workdir, quantize=FLAGS.quantize or bool(method),
                  hf_model=FLAGS.hf_model, num_batches=FLAGS.num_batches,
                  batch_size=FLAGS.batch_size, plots_on=FLAGS.plots, progress=FLAGS.progress,
-                 explicit_quant=_explicit_quant_fields(sys.argv[1:]))
+                 explicit_quant=_explicit_quant_fields(sys.argv[1:]), out=FLAGS.out)
   except (ConfigError, DataError, CheckpointError) as e:
     print(f'error: {" ".join(str(e).split())}', file=sys.stderr, flush=True)
     sys.exit(2)
 
 
+# --config.FIELD=VALUE given without --config: applied to the config eval.py builds itself.
+_LATE_OVERRIDES = []
+
+
 def _parse_flags(argv):
-  from oqt_jax.config import parse_cli_flags   # every flag mistake: one line `error: ...`, exit 2
-  return parse_cli_flags(argv)
+  from oqt_jax.config import help_requested, parse_cli_flags, print_help, split_late_overrides
+  if help_requested(argv):   # --help / -h: this docstring and the flags, exit 0
+    print_help(__doc__, FLAGS, __name__)
+    sys.exit(0)
+  argv, late = split_late_overrides(argv)
+  _LATE_OVERRIDES[:] = late
+  return parse_cli_flags(argv)   # every flag mistake: one line `error: ...`, exit 2
 
 
 if __name__ == '__main__':

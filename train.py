@@ -11,7 +11,10 @@ Exit status: 0 done, 2 bad config / data / checkpoint, non-finite loss (config.n
 a failed checkpoint save (one line `error: ...`), 128+signal
 when stopped by SIGTERM / SIGINT after saving a checkpoint.
 """
+import os
 import sys
+
+os.environ.setdefault('TRANSFORMERS_VERBOSITY', 'error')   # no "PyTorch was not found" notice
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -46,8 +49,11 @@ def main(argv):
 
 
 def _parse_flags(argv):
-  from oqt_jax.config import parse_cli_flags   # every flag mistake: one line `error: ...`, exit 2
-  return parse_cli_flags(argv)
+  from oqt_jax.config import help_requested, parse_cli_flags, print_help
+  if help_requested(argv):   # --help / -h: this docstring and the flags, exit 0
+    print_help(__doc__, FLAGS, __name__)
+    sys.exit(0)
+  return parse_cli_flags(argv)   # every flag mistake: one line `error: ...`, exit 2
 
 
 if __name__ == '__main__':

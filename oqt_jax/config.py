@@ -235,6 +235,98 @@ def parse_cli_flags(argv: Sequence[str], flag_values=None, config_flag: str = 'c
   return rest
 
 
+def split_late_overrides(argv: Sequence[str], name: str = 'config'):
+  """(argv without them, [(field, value)]) of `--config.FIELD=VALUE` flags given without a
+  `--config` file (eval.py builds its config itself then; `apply_overrides` sets them)."""
+  args = list(argv)
+  if any(flag == name for flag, _ in _flag_values(args, name)):
+    return args, []
+  keep, late = args[:1], []
+  rest = args[1:]
+  i = 0
+  while i < len(rest):
+    a = rest[i]
+    if a == '--':
+      keep += rest[i:]
+      break
+    if a.startswith(f'--{name}.'):
+      field, eq, value = a[len(name) + 3:].partition('=')
+      if not eq:
+        value = rest[i + 1] if i + 1 < len(rest) else ''
+        i += 1
+      late.append((field, value))
+    else:
+      keep.append(a)
+    i += 1
+  return keep, late
+
+
+def _parse_value(text: str, current, flag: str):
+  import ast
+  if isinstance(current, bool):
+    if text.lower() in ('true', '1', 'yes'):
+      return True
+    if text.lower() in ('false', '0', 'no'):
+      return False
+    raise ConfigError(f'{flag}: expected True or False')
+  if isinstance(current, (int, float)):
+    try:
+      return type(current)(text) if isinstance(current, float) or '.' not in text \
+          else float(text)
+    except ValueError:
+      raise ConfigError(f'{flag}: expected a number') from None
+  if isinstance(current, str):
+    return text
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def apply_overrides(config, pairs) -> ml_collections.ConfigDict:
+  """A copy of config with [(dotted field, text value)] set, each value parsed as its field's
+  type; ConfigError naming the flag for an unknown field or an unparsable value."""
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    for field, text in pairs:
+      flag = f'--config.{field}={text}'
+      node, *_ = (config,)
+      parts = field.split('.')
+      for j, p in enumerate(parts[:-1]):
+        if not isinstance(node, ml_collections.ConfigDict) or p not in node:
+          raise ConfigError(f'{flag}: no config field {".".join(parts[:j + 1])!r}')
+        node = node[p]
+      leaf = parts[-1]
+      if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+        raise ConfigError(f'{flag}: no config field {field!r}')
+      node[leaf] = _parse_value(text, node[leaf], flag)
+  return config
+
+
+HELP_FLAGS = ('--help', '-h', '--helpfull', '--helpshort', '-help', '-?')
+
+
+def help_requested(argv: Sequence[str]) -> bool:
+  args = list(argv[1:])
+  if '--' in args:
+    args = args[:args.index('--')]
+  return any(a in HELP_FLAGS for a in args)
+
+
+def print_help(doc: str, flag_values, module_name: str) -> None:
+  """The script's docstring (usage examples), then its own flags with their defaults."""
+  print((doc or '').strip() + '\n')
+  print('Flags:')
+  flags_of = flag_values.flags_by_module_dict()
+  own = flags_of.get(module_name) or flags_of.get(sys.argv[0]) or []
+  for f in sorted(own, key=lambda f: f.name):
+    default = '' if f.default is None else f' (default: {f.default_as_str})'
+    help_text = ' '.join(str(f.help).split())
+    print(f'  --{f.name}: {help_text}{default}')
+  print('  --config.FIELD=VALUE: override any field of the config (e.g. '
+        '--config.quant.n_bits=4); fields: configs/base.py')
+
+
 def _config_path(argv, name: str) -> str:
   for flag, val in _flag_values(argv, name):
     if flag == name:

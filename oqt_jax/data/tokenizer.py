@@ -143,6 +143,9 @@ def _check_stamp(path: str, want: dict) -> None:
 
 
 def _load_dir(path: str, field: str, cache_dir: str = ''):
+  why = sources.unreachable_name(path, cache_dir)
+  if why:
+    raise DataError(f"{field}='{path}': {why}")
   from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
   try:
     tok = AutoTokenizer.from_pretrained(path, cache_dir=cache_dir or None)

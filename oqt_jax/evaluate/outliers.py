@@ -253,13 +253,24 @@ def evaluate(model, variables, batches: Iterable[Mapping[str, np.ndarray]], *,
   return (metrics, first) if keep_first else metrics
 
 
-def format_table(metrics: dict, model_type: str, quantized: Optional[dict] = None) -> str:
-  """A per-layer text table (inf norm / kurtosis of each tensor), FP and optionally quantized."""
+def _cell(v, width: int) -> str:
+  """A right-aligned figure, '-' where it does not apply (absent or NaN)."""
+  if v is None or (isinstance(v, float) and math.isnan(v)):
+    return f'{"-":>{width}}'
+  return f'{v:{width}.2f}'
+
+
+def format_table(metrics: dict, model_type: str, quantized: Optional[dict] = None,
+                 title: Optional[str] = None) -> str:
+  """A per-layer text table (inf norm / kurtosis of each tensor), FP and optionally quantized
+  (rows 'q N'); '-' where a figure does not apply (the FFN residual sum has no kurtosis);
+  `title` as its first line."""
   cols = TENSORS[model_type]
   short = {'ffn_output': 'ffn', 'ffn_residual': 'ffn+res', 'ffn_ln_output': 'ffn_ln',
            'attn_output': 'attn', 'attn_ln_output': 'attn_ln', 'layer_output': 'layer'}
   head = 'layer ' + ''.join(f'{short[c] + " inf":>12}{short[c] + " kurt":>13}' for c in cols)
-  lines = [head]
+  lines = [title] if title else []
+  lines.append(head)
   for tag, m in (('', metrics), ('q ', quantized)):
     if m is None:
       continue
@@ -267,20 +278,28 @@ def format_table(metrics: dict, model_type: str, quantized: Optional[dict] = Non
       cells = ''
       for c in cols:
         v = row.get(c, {})
-        cells += f'{v.get("inf_norm", float("nan")):12.2f}{v.get("kurtosis", float("nan")):13.2f}'
+        cells += _cell(v.get('inf_norm'), 12) + _cell(v.get('kurtosis'), 13)
       lines.append(f'{tag}{row["layer"]:<{6 - len(tag)}}{cells}')
   return '\n'.join(lines)
 
 
-def format_summary(metrics: dict, prefix: str = '') -> str:
+def _fig(v) -> str:
+  return '-' if v is None or (isinstance(v, float) and math.isnan(v)) else f'{v:.2f}'
+
+
+def format_summary(metrics: dict, prefix: str = '', perplexity: bool = True) -> str:
+  """The summary lines; perplexity=False (a classifier: no language-model loss) leaves the
+  perplexity out."""
   ppl = metrics.get('perplexity')
-  parts = [f'{prefix}perplexity: {ppl:.4f}' if ppl is not None else f'{prefix}perplexity: n/a',
-           f'{prefix}max inf norm ({metrics["max_inf_norm_tensor"]}): '
-           f'{metrics["max_inf_norm"]:.2f}',
-           f'{prefix}max inf norm (any tensor): {metrics["max_inf_norm_any"]:.2f}',
-           f'{prefix}avg kurtosis: {metrics["avg_kurtosis"]:.2f}',
-           f'{prefix}max kurtosis: {metrics["max_kurtosis"]:.2f}']
+  parts = []
+  if perplexity and ppl is not None:
+    parts.append(f'{prefix}perplexity: {ppl:.4f}')
+  parts += [f'{prefix}max inf norm ({metrics["max_inf_norm_tensor"]}): '
+            f'{_fig(metrics["max_inf_norm"])}',
+            f'{prefix}max inf norm (any tensor): {_fig(metrics["max_inf_norm_any"])}',
+            f'{prefix}avg kurtosis: {_fig(metrics["avg_kurtosis"])}',
+            f'{prefix}max kurtosis: {_fig(metrics["max_kurtosis"])}']
   for name, v in metrics.get('global', {}).items():
-    parts.append(f'{prefix}{name} inf norm: {v["inf_norm"]:.2f}, '
-                 f'kurtosis: {v.get("kurtosis", float("nan")):.2f}')
+    parts.append(f'{prefix}{name} inf norm: {_fig(v["inf_norm"])}, '
+                 f'kurtosis: {_fig(v.get("kurtosis"))}')
   return '\n'.join(parts)

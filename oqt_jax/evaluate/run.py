@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 from typing import Any, Optional, Sequence
 
@@ -32,6 +33,9 @@ HISTOGRAM_PNG = 'eval_histogram.png'
 SYNCED_MODEL_FIELDS = ('model_type', 'head', 'vocab_size', 'pad_token_id',
                        'max_position_embeddings', 'num_layers', 'hidden_size')
 TOKENIZER_FILES = ('tokenizer.json', 'vocab.txt', 'tokenizer_config.json')
+OUT_NAME_RE = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._-]*$')
+# Methods that quantize each batch as it comes (nothing calibrated beforehand).
+NO_CALIBRATION = frozenset({'llm_int8', 'weight_only', 'weight_int8', 'dynamic'})
 
 
 def _info(msg: str):
@@ -132,13 +136,119 @@ def load_orbax(config, workdir: str):
   return model, {'params': params}
 
 
+# ---- the configuration of an evaluation -------------------------------------------------------
+def _plural(n: int, word: str) -> str:
+  return f'{n} {word}' if n == 1 else f'{n} {word}es' if word.endswith(('ch', 'sh', 's')) \
+      else f'{n} {word}s'
+
+
+def _read_json(path: str) -> Optional[dict]:
+  try:
+    with open(path) as fh:
+      d = json.load(fh)
+  except (OSError, json.JSONDecodeError):
+    return None
+  return d if isinstance(d, dict) else None
+
+
+def _merge(dst: ml_collections.ConfigDict, src: dict, prefix: str, keep: Sequence[str]):
+  """dst updated from src (recursively), except the dotted fields in `keep` (and their
+  sections) and fields dst does not know."""
+  for k, v in src.items():
+    path = f'{prefix}{k}'
+    if path in keep or k not in dst:
+      continue
+    if isinstance(dst[k], ml_collections.ConfigDict):
+      if isinstance(v, dict):
+        _merge(dst[k], v, path + '.', keep)
+      continue
+    if isinstance(v, list):
+      v = tuple(v)
+    try:
+      dst[k] = v
+    except TypeError:   # a recorded value of another type than the default: leave it
+      pass
+
+
+def default_config(model_type: str = 'bert') -> ml_collections.ConfigDict:
+  """The config of an evaluation without --config: the paper recipe of the model type (its
+  quantization defaults), data from the embedded corpus."""
+  try:
+    from configs import recipes
+  except ImportError:
+    raise ConfigError('--config: needed (configs/ is not importable from here)') from None
+  c = recipes.opt_125m() if model_type == 'opt' else recipes.bert_base()
+  with c.unlocked():
+    c.data.source = 'embedded'
+  return c
+
+
+def eval_config(config: Optional[ml_collections.ConfigDict], workdir: Optional[str],
+                hf_model: Optional[str] = None,
+                explicit: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """The config eval.py evaluates with.
+
+  - no --config: with --hf_model, the recipe of the checkpoint's model type on the embedded
+    corpus (the model itself comes from the checkpoint); else the config the run recorded in
+    WORKDIR/config.json.
+  - the data settings the run recorded in WORKDIR/config.json (source, files, tokenizer,
+    lengths, ...) replace the config file's, except the fields given on the command line
+    (`explicit`: dotted names such as 'data.files'); not with --hf_model.
+  - an --hf_model dir that holds a tokenizer: data.tokenizer is that dir unless
+    'data.tokenizer' is explicit.
+  """
+  explicit = tuple(explicit)
+  recorded = _read_json(os.path.join(workdir, 'config.json')) if workdir and not hf_model \
+      else None
+  if config is None:
+    if hf_model:
+      hf_cfg = _read_json(os.path.join(os.path.expanduser(hf_model), 'config.json')) or {}
+      config = default_config(hf_cfg.get('model_type', ''))
+      n_pos = hf_cfg.get('max_position_embeddings')
+      with config.unlocked():
+        for f in ('max_seq_length', 'block_size'):
+          if isinstance(n_pos, int) and 0 < n_pos < config.data[f]:
+            config.data[f] = n_pos
+    elif recorded is not None:
+      config = default_config(recorded.get('model', {}).get('model_type', 'bert'))
+      _merge(config, recorded, '', explicit)
+    else:
+      raise ConfigError('--config: needed (no --hf_model, and no config.json in '
+                        f'--workdir={workdir})')
+  else:
+    config = config.copy_and_resolve_references()
+  with config.unlocked():
+    if recorded is not None and isinstance(recorded.get('data'), dict):
+      _merge(config.data, recorded['data'], 'data.', explicit)
+    if hf_model and 'data.tokenizer' not in explicit:
+      path = os.path.expanduser(hf_model)
+      if any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        config.data.tokenizer = path
+  return config
+
+
+def explicit_fields(args: Sequence[str], name: str = 'config') -> list[str]:
+  """The dotted config fields set on a command line (--config.data.files=X -> 'data.files')."""
+  prefix = f'--{name}.'
+  return [a[len(prefix):].split('=', 1)[0] for a in args if a.startswith(prefix)]
+
+
 # ---- data ------------------------------------------------------------------------------------
 def sync_config(config, model, model_path: Optional[str]):
   """A copy of config whose model fields agree with the loaded model (and its tokenizer)."""
   config = config.copy_and_resolve_references()
+  asked = config.model.get('model_type', '')
+  if asked and asked != model.cfg.model_type:
+    _info(f'note: the config is for {asked} models, {model_path} is {model.cfg.model_type}: '
+          'the model settings come from the checkpoint')
   with config.unlocked():
     for f in SYNCED_MODEL_FIELDS:
       setattr(config.model, f, getattr(model.cfg, f))
+    n_pos = int(model.cfg.max_position_embeddings)
+    if asked != model.cfg.model_type:   # the other type's sequence length
+      for f in ('max_seq_length', 'block_size'):
+        if int(config.data.get(f, 0)) > n_pos:
+          config.data[f] = n_pos
     if (model_path and os.path.isdir(model_path) and not config.data.get('tokenizer', '')
         and any(os.path.exists(os.path.join(model_path, f)) for f in TOKENIZER_FILES)):
       config.data.tokenizer = model_path
@@ -350,14 +460,23 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: Optional[str], *,
                  quantize: bool = False, hf_model: Optional[str] = None,
                  num_batches: Optional[int] = None, batch_size: Optional[int] = None,
                  out_dir: Optional[str] = None, plots_on: bool = True,
-                 progress: bool = True, explicit_quant: Sequence[str] = ()) -> dict[str, Any]:
+                 progress: bool = True, explicit_quant: Sequence[str] = (),
+                 out: Optional[str] = None) -> dict[str, Any]:
   """Evaluate FP (and with `quantize` the calibrated quantized model); write metrics + plots.
+
+  Files: out_dir/eval_<NAME>.json, eval_<NAME>_per_layer.png, eval_<NAME>_histogram.png,
+  NAME = `out` or one derived from what was evaluated ('fp', 'w8a8', 'w4a8_adaround',
+  'w6a6_outlier_suppression', 'qat_w4a8', ...), so evaluations of one run do not overwrite
+  each other; out_dir/eval_metrics.json is a copy of the newest.
 
   The quantized model comes from the method config.quant.method ('' = plain calibration;
   oqt_jax.quant.methods.METHODS); the method's preset (the original's bits, granularity,
   calibration samples) fills the quant fields not named in `explicit_quant`.
   """
   from oqt_jax import quant
+  if out is not None and not OUT_NAME_RE.match(out):
+    raise ConfigError(f'--out={out!r}: expected a name of letters, digits, ".", "_", "-" '
+                      '(it names the files eval_NAME.json, ...)')
   for flag, v in (('--num_batches', num_batches), ('--batch_size', batch_size)):
     if v is not None and v < 1:
       raise ConfigError(f'{flag}={v}: must be >= 1')
@@ -385,14 +504,16 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: Optional[str], *,
   if nb < 1:
     raise DataError(f'validation split: no evaluation batch (the split is empty, or '
                     f'num_eval_batches={config.get("num_eval_batches")} is 0)')
-  _info(f'evaluating {mtype} ({model.cfg.resolved_head}) from {source}: {nb} batches of {bs}')
+  is_lm = model.cfg.resolved_head in ('mlm', 'clm')
+  _info(f'evaluating {mtype} ({model.cfg.resolved_head}) from {source}: '
+        f'{_plural(nb, "batch")} of {bs}')
 
   fp, fp_first = outliers.evaluate(model, variables, checked(val.eval_batches(bs, nb), model,
                                                             'validation batch'), num_batches=nb,
                                    progress=progress, desc='FP eval', keep_first=True)
   check_finite_metrics(fp, source)
-  print(outliers.format_table(fp, mtype))
-  print(outliers.format_summary(fp))
+  print(outliers.format_table(fp, mtype, title=f'FP: per-layer inf norm and kurtosis ({mtype})'))
+  print(outliers.format_summary(fp, perplexity=is_lm))
   result: dict[str, Any] = dict(fp)
   result.update(model_path=source, model_type=mtype, head=model.cfg.resolved_head,
                 num_batches=nb, batch_size=bs)
@@ -407,7 +528,7 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: Optional[str], *,
     qcfg = methods.with_preset(config.quant, method, explicit_quant, batch_size=bs)
     quant.validate_quant_config(qcfg)
     calibrating = lambda n: _info(
-        f'calibrating on {n} batches (method={method or "calibrate"}'
+        f'calibrating on {_plural(n, "batch")} (method={method or "calibrate"}'
         f'{", AdaRound" if qcfg.get("adaround", False) else ""}, W{qcfg.n_bits}A{qcfg.n_bits_act}'
         f', quant_setup={qcfg.quant_setup}, quant_dict={qcfg.quant_dict!r}, int8={qcfg.int8})')
     from oqt_jax.quant.methods import qat
@@ -433,7 +554,10 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: Optional[str], *,
           model, variables, checked(calibration_batches(cal, bs, n_cal), model,
                                     'calibration batch'), qcfg, progress=progress)
     else:
-      calibrating(int(qcfg.est_num_batches))
+      if method in NO_CALIBRATION:
+        _info(f'quantizing with {method} (no calibration: ranges from each batch)')
+      else:
+        calibrating(int(qcfg.est_num_batches))
       qmodel, qvars = methods.run(
           method, model, variables,
           checked(calibration_batches(cal, bs, int(qcfg.est_num_batches)), model,
@@ -442,8 +566,10 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: Optional[str], *,
                                                           'validation batch'), num_batches=nb,
                                    progress=progress, desc='quantized eval', keep_first=True)
     check_finite_metrics(q, source, what='quantized model')
-    print(outliers.format_table(q, mtype))
-    print(outliers.format_summary(q, prefix='quantized '))
+    label = quant_label(qcfg, method, qat=exported is not None)
+    print(outliers.format_table(q, mtype, title=f'{label}: per-layer inf norm and kurtosis '
+                                                f'({mtype})'))
+    print(outliers.format_summary(q, prefix='quantized ', perplexity=is_lm))
     q = dict(q, quant_config=qcfg.to_dict(),
              resolved_points=(quant.describe(qmodel.quant.rules).split('\n')
                               if hasattr(qmodel.quant, 'rules') else []))
@@ -454,46 +580,87 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: Optional[str], *,
                               prefix='quantized ')
     result['quantized'] = q
 
+  name = out or (quant_label(result['quantized']['quant_config'] if q is not None else None,
+                             method if quantize else '', qat=q is not None and exported is not None,
+                             file_name=True))
   os.makedirs(out_dir, exist_ok=True)
   files = []
   if plots_on:
-    files.append(plots.per_layer_plot(fp, mtype, os.path.join(out_dir, PER_LAYER_PNG),
+    files.append(plots.per_layer_plot(fp, mtype, os.path.join(out_dir, f'eval_{name}_per_layer.png'),
                                       quantized=q, title=f'{mtype}: {source}'))
     worst = plots.worst_tensor(fp)
     if worst is not None and fp_first is not None:
       vals = {f'FP {worst}': plots.valid_values(fp_first[0], fp_first[1], worst)}
       if q_first is not None:
         vals[f'quantized {worst}'] = plots.valid_values(q_first[0], q_first[1], worst)
-      files.append(plots.histogram_plot(vals, os.path.join(out_dir, HISTOGRAM_PNG),
+      files.append(plots.histogram_plot(vals, os.path.join(out_dir, f'eval_{name}_histogram.png'),
                                         title=f'activations of {worst} (first batch)'))
   result['plots'] = files
-  path = os.path.join(out_dir, METRICS_FILE)
-  with open(path, 'w') as fh:
-    json.dump(_nan_to_none(result), fh, indent=1, sort_keys=True)
-  _info(f'wrote {path}' + (f' and {", ".join(os.path.basename(f) for f in files)}'
-                           if files else ''))
+  result['name'] = name
+  text = json.dumps(_nan_to_none(result), indent=1, sort_keys=True)
+  path = os.path.join(out_dir, f'eval_{name}.json')
+  for p in (path, os.path.join(out_dir, METRICS_FILE)):   # whole files or none (rename)
+    tmp = f'{p}.tmp'
+    with open(tmp, 'w') as fh:
+      fh.write(text)
+    os.replace(tmp, p)
+  _info(f'wrote {path} (and {METRICS_FILE}, the newest)'
+        + (f', {", ".join(os.path.basename(f) for f in files)}' if files else ''))
   return result
 
 
+def quant_label(qcfg, method: str = '', qat: bool = False, file_name: bool = False) -> str:
+  """What was evaluated, e.g. 'FP', 'W8A8', 'W4A8 AdaRound', 'W6A6 outlier_suppression',
+  'QAT W4A8', 'weight-only int8'; file_name: the same as a file-name part ('w4a8_adaround')."""
+  if qcfg is None:
+    parts = ['FP']
+  elif qcfg.get('weight_only', False):
+    parts = ['weight-only int8']
+  else:
+    a = qcfg.get('n_bits_act', 8)
+    parts = [f"W{qcfg.get('n_bits', 8)}A{a if a != 32 else 'FP'}"]
+    if qat:
+      parts.insert(0, 'QAT')
+    if method:
+      parts.append(method)
+    if qcfg.get('adaround', False) and not qat:
+      parts.append('AdaRound')
+  label = ' '.join(parts)
+  return re.sub(r'[^a-z0-9.]+', '_', label.lower()).strip('_') if file_name else label
+
+
 # ---- text generation (eval.py --prompt) ------------------------------------------------------
-def generate_text(config: ml_collections.ConfigDict, workdir: Optional[str], prompt: str, *,
-                  hf_model: Optional[str] = None, max_new_tokens: int = 20,
+def generate_text(config: Optional[ml_collections.ConfigDict], workdir: Optional[str],
+                  prompt: str, *, hf_model: Optional[str] = None, max_new_tokens: int = 20,
                   temperature: float = 0.0, top_k: int = 0, quantize: bool = False,
-                  progress: bool = True) -> str:
-  """Continues `prompt` with the run's OPT model (and tokenizer); prints and returns the
-  continuation. quantize: the model calibrated with config.quant generates."""
+                  progress: bool = True, seed: Optional[int] = None) -> str:
+  """Continues `prompt` with the run's OPT model (and tokenizer); prints the prompt, the
+  continuation and why it stopped (end-of-sequence token or max_new_tokens) and returns the
+  continuation. quantize: the model calibrated with config.quant generates. seed: the
+  sampling seed (default config.seed). Every setting is checked before any work."""
   from oqt_jax import data, quant
+  from oqt_jax.models.generate import check_generation
+  if config is None:
+    config = eval_config(None, workdir, hf_model)
   if quantize:
     quant.validate_quant_config(config)
   model, variables, source = load_model(config, workdir, hf_model)
   config = sync_config(config, model, source)
-  if model.cfg.model_type != 'opt':
-    raise ConfigError(f'--prompt: text generation needs an OPT model, {source} is '
-                      f'{model.cfg.model_type}')
+  config = _run_tokenizer(config, workdir)
+  if model.cfg.model_type != 'opt' or model.cfg.resolved_head != 'clm':
+    raise ConfigError(f'--prompt: text generation needs an OPT causal-LM model, {source} is '
+                      f'{model.cfg.model_type} ({model.cfg.resolved_head} head)')
   tok = data.get_tokenizer(config, workdir)
   ids = list(tok(prompt)['input_ids'])
   if not ids:
     raise ConfigError(f'--prompt={prompt!r}: no tokens')
+  bad = [i for i in ids if not 0 <= i < model.cfg.vocab_size]
+  if bad:
+    raise DataError(f'--prompt: token id {bad[0]} of the tokenizer is beyond the model\'s '
+                    f'embedding table (vocab_size={model.cfg.vocab_size}): the tokenizer does '
+                    'not belong to this model')
+  check_generation(model, len(ids), max_new_tokens, temperature, top_k)
+  seed = int(config.get('seed', 0) if seed is None else seed)
   if quantize:
     qcfg = config.quant
     _, cal = datasets(config, workdir, calib=True)
@@ -501,15 +668,19 @@ def generate_text(config: ml_collections.ConfigDict, workdir: Optional[str], pro
     model, variables = quant.calibrate(
         model, variables, calibration_batches(cal, bs, int(qcfg.est_num_batches)), qcfg,
         progress=progress)
-  _info(f'generating {max_new_tokens} tokens with {"the quantized " if quantize else ""}'
-        f'model from {source} ({"greedy" if temperature == 0 else f"T={temperature}"}'
+  _info(f'generating up to {_plural(int(max_new_tokens), "token")} with '
+        f'{"the quantized " if quantize else "the "}model from {source} '
+        f'({"greedy" if temperature == 0 else f"T={temperature}, seed {seed}"}'
         f'{f", top_k={top_k}" if top_k else ""})')
   out = models.generate(model, variables, np.asarray([ids], np.int32), max_new_tokens,
-                        temperature=temperature, top_k=top_k, seed=int(config.get('seed', 0)),
+                        temperature=temperature, top_k=top_k, seed=seed,
                         eos_token_id=tok.eos_token_id)
   new = [int(i) for i in np.asarray(out)[0, len(ids):]]
   if tok.eos_token_id is not None and tok.eos_token_id in new:
     new = new[:new.index(tok.eos_token_id)]
+    why = f'end-of-sequence token after {_plural(len(new), "token")}'
+  else:
+    why = f'length: {_plural(len(new), "new token")} (--max_new_tokens)'
   text = tok.decode(new, skip_special_tokens=True)
-  print(text, flush=True)
+  print(f'prompt:       {prompt}\ncontinuation: {text}\nstopped:      {why}', flush=True)
   return text

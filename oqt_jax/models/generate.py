@@ -53,9 +53,20 @@ def _check(model, input_ids, max_new_tokens, temperature, top_k):
     raise ConfigError(f'generate: input_ids must be (batch, length>=1), got {input_ids.shape}')
   total = input_ids.shape[1] + int(max_new_tokens)
   if total > cfg.max_position_embeddings:
-    raise ConfigError(f'generate: prompt length {input_ids.shape[1]} + max_new_tokens '
-                      f'{max_new_tokens} = {total} exceeds the model\'s '
-                      f'max_position_embeddings={cfg.max_position_embeddings}')
+    room = cfg.max_position_embeddings - input_ids.shape[1]
+    raise ConfigError(f'max_new_tokens={max_new_tokens}: prompt length {input_ids.shape[1]} + '
+                      f'{max_new_tokens} = {total} exceeds the model\'s position table '
+                      f'(max_position_embeddings={cfg.max_position_embeddings}); '
+                      + (f'at most {room} new tokens' if room > 0 else
+                         'the prompt alone fills it'))
+
+
+def check_generation(model, prompt_length: int, max_new_tokens: int, temperature: float = 0.0,
+                     top_k: int = 0) -> None:
+  """The checks of `generate` without generating: ConfigError naming the setting (a model
+  that cannot generate, a length beyond the position table, a bad temperature / top_k)."""
+  _check(model, np.zeros((1, max(int(prompt_length), 1)), np.int32), max_new_tokens,
+         temperature, top_k)
 
 
 def _pick(logits, key, temperature, *, greedy: bool, top_k: int):
