@@ -198,7 +198,10 @@ def config_from_hf(hf: dict, **overrides) -> mcfg.ModelConfig:
     if not hf.get('layer_norm_elementwise_affine', True):
       raise CheckpointError('config.json: layer_norm_elementwise_affine=false is not supported')
   else:
-    raise CheckpointError(f"config.json: model_type={mt!r} is not supported (bert or opt)")
+    raise CheckpointError(f"config.json: model_type={mt!r}"
+                          f"{' (' + ', '.join(archs) + ')' if archs else ''} is not "
+                          "implemented by oqt_jax (bert or opt: "
+                          f"{', '.join(sorted(ARCH_HEADS))})")
   d.update({k: v for k, v in (hf.get('oqt_jax') or {}).items() if k in VARIANT_FIELDS})
   d.update({k: v for k, v in overrides.items() if v is not None})
   return mcfg.from_config(d)
@@ -284,6 +287,10 @@ def _resolve(path: str) -> str:
     return path
   if os.path.exists(path):
     raise CheckpointError(f'{path}: expected an HF checkpoint directory, found a file')
+  from oqt_jax.data.sources import unreachable_name
+  why = unreachable_name(path)
+  if why:   # decided at once: no download attempt (and no retries) that cannot succeed
+    raise CheckpointError(f'{path}: {why}')
   try:  # a hub name: real loading code, needs network
     from huggingface_hub import snapshot_download
     return snapshot_download(path, allow_patterns=['*.json', '*.safetensors', '*.bin', '*.txt',
@@ -412,7 +419,10 @@ def load(path, *, rng=None, **overrides) -> tuple[nn.Module, dict]:
       hf_cfg = json.load(fh)
   except (OSError, json.JSONDecodeError) as e:
     raise CheckpointError(f'{cfg_path}: cannot be read ({type(e).__name__})') from e
-  ckpt_head = config_from_hf(hf_cfg).resolved_head
+  try:
+    ckpt_head = config_from_hf(hf_cfg).resolved_head
+  except CheckpointError as e:   # name the file, not just 'config.json'
+    raise CheckpointError(str(e).replace('config.json:', f'{cfg_path}:', 1)) from None
   cfg = config_from_hf(hf_cfg, **overrides)
   model = (Bert if cfg.model_type == 'bert' else Opt)(cfg)
   sd = _normalise_keys(read_state_dict(ckpt_dir))
@@ -459,9 +469,10 @@ def load(path, *, rng=None, **overrides) -> tuple[nn.Module, dict]:
     log.info('initialised %d parameters not in the checkpoint: %s', len(missing),
              ', '.join('/'.join(p) for p in missing[:8]))
   unused = [k for k in sd if k not in used and not any(s in k for s in IGNORABLE)]
-  if unused:
-    log.warning('%s: %d checkpoint tensors not used: %s', ckpt_dir, len(unused),
-                ', '.join(sorted(unused)[:8]))
+  if unused:   # a head replaced at load time (MLM -> classifier) drops its tensors: expected
+    (log.info if cfg.resolved_head != ckpt_head else log.warning)(
+        '%s: %d checkpoint tensors not used: %s', ckpt_dir, len(unused),
+        ', '.join(sorted(unused)[:8]))
   return model, {'params': params}
 
 
