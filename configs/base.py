@@ -86,11 +86,12 @@ def quant_defaults() -> ml_collections.ConfigDict:
   q.momentum = 0.9
   q.est_num_batches = 16
   q.per_channel = False            # weights per output channel
-  q.act_granularity = 'per_tensor' # activations: 'per_tensor' | 'per_embd' | 'ngK' | 'ngpK'
+  q.act_granularity = 'per_tensor' # activations: 'per_tensor' | 'per_embd' | 'per_token' (dynamic) | 'ngK' | 'ngpK'
   q.permute_shared_h = False       # PEG: x, h, y of a layer share h's permutation
   q.mse_search = 'grid'            # MSE / CE estimators: 'grid' | 'golden'
   q.num_candidates = 100           # MSE grid size
-  q.quant_setup = 'all'
+  q.quant_setup = 'all'             # ... | 'linear_inputs' (SmoothQuant) | 'matmul_inputs' (Outlier Suppression)
+  q.symmetric_signed = False       # symmetric quantizers always on the signed grid (SmoothQuant)
   q.quant_dict = ml_collections.FieldReference('', field_type=object)  # "{'y': 16, 'h': 'ngp6'}" or a dict
   q.dynamic = False                # never freeze activation ranges
   q.int8 = False                   # run Linear layers as int8 matmuls (AQT)

@@ -1,4 +1,5 @@
 """quant_setup / quant_dict resolution against hand-written expectations; config validation."""
+import numpy as np
 import pytest
 
 from oqt_jax import models, quant
@@ -172,3 +173,141 @@ def test_describe_lists_changed_points():
   r = quant.rules(quant.config(quant_dict="{'h0': 16, 'x': 'ngp4'}"), _bert(1))
   text = quant.describe(r)
   assert 'h0  16b per_tensor' in text and 'x0' in text and 'q0' not in text
+
+
+# ---- the selecting setups ------------------------------------------------------------------
+def _enabled(rules):
+  return {s.name for s in rules.table() if s.enabled}
+
+
+def _layers(bases, n):
+  return {f'{b}{i}' for b in bases for i in range(n)}
+
+
+LINEAR_W = ('wq', 'wk', 'wv', 'wg', 'wf', 'wh')
+
+
+@pytest.mark.parametrize('cfg, setup, want', [
+    # SmoothQuant: every Dense weight inside the layers and the activation feeding it.
+    (_bert(3), 'linear_inputs',
+     {'eln', 'z0', 'z1'} | _layers('cxf', 3) | _layers(LINEAR_W, 3)),
+    (_opt(2), 'linear_inputs', _layers('acxf', 2) | _layers(LINEAR_W, 2)),
+    (_opt(2, pre_ln=False), 'linear_inputs',
+     {'e', 'x0'} | _layers('acf', 2) | _layers(LINEAR_W, 2)),
+    # Outlier Suppression: the matmul inputs, every Linear weight and the embedding tables.
+    (_bert(3), 'matmul_inputs',
+     {'eln', 'P', 'Mln', 'Et', 'Ep', 'Ets', 'wP', 'wC', 'wMt', 'wM'}
+     | _layers('qkvpcxfz', 3) | _layers(LINEAR_W, 3)),
+    (_opt(2), 'matmul_inputs',
+     {'fln', 'Et', 'Ep', 'wM'} | _layers('aqkvpcxf', 2) | _layers(LINEAR_W, 2)),
+    (_opt(2, pre_ln=False), 'matmul_inputs',
+     {'e', 'Et', 'Ep', 'wM'} | _layers('aqkvpcxf', 2) | _layers(LINEAR_W, 2)),
+])
+def test_selecting_setups_enable_exactly_their_points(cfg, setup, want):
+  r = quant.rules(quant.config(quant_setup=setup), cfg)
+  assert _enabled(r) == want
+  text = quant.describe(r)
+  assert text.startswith(f'quant_setup={setup}: quantized ') and 'every other point fp32' in text
+
+
+def test_selecting_setup_with_projection_and_overrides():
+  cfg = _opt(2).replace(word_embed_proj_dim=32)
+  r = quant.rules(quant.config(quant_setup='matmul_inputs'), cfg)
+  assert {'pout', 'wpin', 'wpout'} <= _enabled(r) and 'pin' not in _enabled(r)
+  r = quant.rules(quant.config(quant_setup='linear_inputs'), cfg)
+  assert not {'pin', 'pout', 'wpin', 'wpout'} & _enabled(r)
+  # quant_dict on top: SmoothQuant's quantize_bmm_input (Q, K, V outputs), a point off.
+  r = quant.rules(quant.config(quant_setup='linear_inputs', act_granularity='per_token',
+                               quant_dict="{'q': 8, 'k': 8, 'v': 8, 'f1': 'fp32'}"), cfg)
+  assert _enabled(r) == (_layers('acxfqkv', 2) - {'f1'}) | _layers(LINEAR_W, 2)
+  assert _summary(r, 'q0') == '8 per_token' and r.spec('q0').estimator == 'current_minmax'
+
+
+def test_per_token_and_signed_fields():
+  r = quant.rules(quant.config(act_granularity='per_token', quant_dict="{'h': 'per_tensor'}",
+                               symmetric_signed=True), _bert(1))
+  assert _summary(r, 'x0') == '8 per_token' and _summary(r, 'h0') == '8 per_tensor'
+  assert r.spec('x0').signed and r.spec('wq0').signed and r.spec('wq0').x_neg is True
+  assert r.spec('x0').x_neg is None              # asymmetric activations: no grid sign
+  assert points.parse_quant_dict({'f': 'per_token'})[0][2].granularity == 'per_token'
+  assert quant.rules(quant.config(), _bert(1)).spec('wq0').x_neg is None
+  for kw, field in ((dict(symmetric_signed=1), 'quant.symmetric_signed=1'),
+                    (dict(quant_setup='linear'), "quant.quant_setup='linear'"),
+                    (dict(act_granularity='per_row'), 'quant.act_granularity=')):
+    with pytest.raises(ConfigError, match='^' + field.replace('.', r'\.').replace('(', r'\(')):
+      quant.config(**kw)
+
+
+# ---- per-token activations against a numpy restatement ---------------------------------------
+def _np_per_token(x, n_bits, symmetric, signed=None, row_mask=None):
+  """Each row of the last axis quantized on its own range (float32 numpy)."""
+  x = np.asarray(x, np.float32)
+  valid = np.ones(x.shape, bool) if row_mask is None else row_mask
+  lo = np.where(valid, x, np.inf).min(-1, keepdims=True)
+  hi = np.where(valid, x, -np.inf).max(-1, keepdims=True)
+  if row_mask is not None:
+    none = ~row_mask.any(-1, keepdims=True)
+    lo = np.where(none, x.min(-1, keepdims=True), lo)
+    hi = np.where(none, x.max(-1, keepdims=True), hi)
+  lo, hi = np.minimum(lo, 0).astype(np.float32), np.maximum(hi, 1e-8).astype(np.float32)
+  if symmetric:
+    signed = bool((lo < 0).any()) if signed is None else signed
+    q_min, q_max = (-2.0 ** (n_bits - 1), 2.0 ** (n_bits - 1) - 1) if signed else \
+        (0.0, 2.0 ** n_bits - 1)
+    s = (np.maximum(-lo, hi) / np.float32(q_max)).astype(np.float32)
+    return (s * np.clip(np.round(x / s), q_min, q_max)).astype(np.float32)
+  q_max = 2.0 ** n_bits - 1
+  s = ((hi - lo) / np.float32(q_max)).astype(np.float32)
+  z = np.clip(np.round(-lo / s), 0, q_max)
+  return (s * (np.clip(np.round(x / s) + z, 0, q_max) - z)).astype(np.float32)
+
+
+def _run_point(qcfg, name, x, mask, mode='frozen'):
+  import flax.linen as nn
+  import jax
+
+  class Point(nn.Module):
+    hooks: object
+
+    @nn.compact
+    def __call__(self, x, mask):
+      return self.hooks.act(self, name, x, mask)
+
+  hooks = quant.hooks(qcfg, _opt(2), mode=mode)
+  out, state = Point(hooks).apply({}, x, mask, mutable=['quant'])
+  return np.asarray(out), jax.tree_util.tree_leaves(state)
+
+
+@pytest.mark.parametrize('qmethod_acts, signed, n_bits', [
+    ('symmetric_uniform', False, 8), ('symmetric_uniform', True, 8),
+    ('asymmetric_uniform', False, 8), ('symmetric_uniform', True, 4)])
+def test_per_token_quantizer_against_numpy(qmethod_acts, signed, n_bits):
+  rng = np.random.default_rng(0)
+  x = (rng.standard_normal((3, 5, 16)) * rng.uniform(0.01, 20, (3, 5, 1))).astype(np.float32)
+  x[1, 2] = np.abs(x[1, 2])                # a non-negative row within a signed tensor
+  relu = np.maximum(x, 0)                  # a non-negative tensor (ReLU output)
+  mask = np.ones((3, 5), bool)
+  mask[2, 3:] = False                      # padding: a row is its own token, nothing changes
+  qcfg = quant.config(act_granularity='per_token', qmethod_acts=qmethod_acts, n_bits_act=n_bits,
+                      symmetric_signed=signed)
+  sym = qmethod_acts == 'symmetric_uniform'
+  for t in (x, relu):
+    for mode in ('frozen', 'calibrating', 'dynamic'):
+      got, state = _run_point(qcfg, 'f0', t, mask, mode)
+      assert not state                       # nothing stored per token
+      want = _np_per_token(t, n_bits, sym, True if signed else None)
+      np.testing.assert_array_equal(got, want)
+  if sym and not signed:   # ReLU output on the unsigned grid: absmax / 255, not / 127
+    got, _ = _run_point(qcfg, 'f0', relu, mask)
+    np.testing.assert_array_equal(got, _np_per_token(relu, n_bits, True, False))
+    assert not np.array_equal(got, _np_per_token(relu, n_bits, True, True))
+
+  # (B, H, T, T) scores: one range per (batch, head, query) row over the valid keys.
+  s = rng.standard_normal((3, 2, 5, 5)).astype(np.float32) * 4
+  s[2, :, :, 3:] = 50.0                    # padding keys' scores: left out of the rows' ranges
+  keys = np.broadcast_to(mask[:, None, None, :] & mask[:, None, :, None], s.shape)
+  got, _ = _run_point(qcfg, 's0', s, mask)
+  np.testing.assert_array_equal(got, _np_per_token(s, n_bits, sym, True if signed else None,
+                                                   row_mask=keys))
+  got_unmasked, _ = _run_point(qcfg, 's0', s, None)
+  assert not np.array_equal(got[2, :, :, :3], got_unmasked[2, :, :, :3])

@@ -32,7 +32,8 @@ embedding), vectorised over slices. Let mn, mx be the slice's (masked) min / max
 the absolute range margin (0.5 by default, in x's units, as in the original):
 
   one-sided data (mn >= 0; for a symmetric quantizer decided over the whole tensor, so every
-  channel keeps the grid type the quantizer will use, for an asymmetric one per slice), or a
+  channel keeps the grid type the quantizer will use, for an asymmetric one per slice; never
+  for a symmetric quantizer with signed=True, the signed grid whatever the data), or a
   symmetric quantizer: a 1-D search over t with range [0, t] (one-sided) or [-t, t],
     R = max(|mn|, mx) + margin.
   otherwise (asymmetric, two-sided): a 2-D search over a half-width r and a shift.
@@ -494,12 +495,13 @@ def _ce_loss_fn(x, target, row_mask, reduce_axes, kept_shape, n_bits, symmetric)
 # ----------------------------------------------------------------------------------------
 
 _STATIC = ('kind', 'reduce_axes', 'n_bits', 'symmetric', 'mse_search', 'num_candidates',
-           'golden_iters')
+           'golden_iters', 'signed')
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _update(state, x, mask, momentum, percentile, margin, logits_target, *, kind,
-            reduce_axes, n_bits, symmetric, mse_search, num_candidates, golden_iters):
+            reduce_axes, n_bits, symmetric, mse_search, num_candidates, golden_iters,
+            signed=False):
   x = jax.lax.stop_gradient(x.astype(jnp.float32))     # ranges are statistics, not params
   if logits_target is not None:
     logits_target = jax.lax.stop_gradient(logits_target)
@@ -525,7 +527,9 @@ def _update(state, x, mask, momentum, percentile, margin, logits_target, *, kind
   else:  # mse / cross_entropy
     mn0 = jnp.where(valid, mn, 0.0).reshape(-1)     # empty slices: any finite value
     mx0 = jnp.where(valid, mx, 0.0).reshape(-1)
-    if symmetric:   # one grid type for the whole quantizer
+    if symmetric and signed:   # always the signed grid: candidates [-t, t]
+      one_sided = jnp.zeros(mn0.shape, bool)
+    elif symmetric:   # one grid type for the whole quantizer
       one_sided = jnp.broadcast_to(jnp.all(mn0 >= 0), mn0.shape)
     else:
       one_sided = mn0 >= 0
@@ -562,7 +566,8 @@ def _update(state, x, mask, momentum, percentile, margin, logits_target, *, kind
 
 def update(kind: str, state: dict, x, *, mask=None, reduce_axes=None, momentum=0.9,
            percentile=99.999, n_bits=8, symmetric=False, mse_search='grid',
-           num_candidates=100, margin=0.5, logits_target=None, golden_iters=40) -> dict:
+           num_candidates=100, margin=0.5, logits_target=None, golden_iters=40,
+           signed=None) -> dict:
   """One estimator step: the new state {'x_min', 'x_max', 'n'} after seeing batch x.
 
   Args:
@@ -577,6 +582,9 @@ def update(kind: str, state: dict, x, *, mask=None, reduce_axes=None, momentum=0
     mse_search: 'grid' or 'golden' (static); num_candidates: grid size (static);
     margin: absolute search margin (>= 0); golden_iters: golden-section iterations (static).
     logits_target: cross_entropy only, FP logits whose softmax is the target (default x).
+    signed: symmetric mse / cross_entropy only: True searches for the signed grid whatever
+      the data's sign (quantizers' x_neg=True, quant.symmetric_signed); None: signed iff the
+      tensor has a negative value.
   """
   if kind not in ESTIMATORS:
     raise ValueError(f'estimator kind must be one of {ESTIMATORS}, got {kind!r}')
@@ -597,7 +605,7 @@ def update(kind: str, state: dict, x, *, mask=None, reduce_axes=None, momentum=0
   return _update(state, x, mask, momentum, percentile, margin, logits_target, kind=kind,
                  reduce_axes=axes, n_bits=n_bits, symmetric=bool(symmetric),
                  mse_search=mse_search, num_candidates=int(num_candidates),
-                 golden_iters=int(golden_iters))
+                 golden_iters=int(golden_iters), signed=bool(signed))
 
 
 def ranges_of(state: dict):

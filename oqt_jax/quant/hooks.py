@@ -9,6 +9,8 @@ under the point's name (e.g. quant/encoder_layer_3/output/h3):
                quantizers.group_values), plus 'group_ids' (D,) for permuted PEG and 'fp'
                {'range' (D,), 'n'} (per-dim FP range max - min of each calibration batch,
                averaged over the batches) on the points the permutation is measured on;
+               'per_token' points keep no range (one range per row, from the current
+               tensor in every mode, see _act_per_token);
   weights      {'x_min', 'x_max', 'n'} of the weight (per tensor or per output channel);
   int8 inputs  'in_<point>' {'x_min', 'x_max', 'n'}: the static range of a Dense layer's input
                used by the int8 matmul (int8.py).
@@ -35,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+import jax
 import jax.numpy as jnp
 
 from oqt_jax.errors import ConfigError
@@ -116,7 +119,8 @@ class QuantHooks:
         kind or spec.estimator, state, x, mask=mask, reduce_axes=axes, momentum=r.momentum,
         percentile=r.percentile, n_bits=n_bits or spec.n_bits,
         symmetric=spec.symmetric if symmetric is None else symmetric,
-        mse_search=spec.mse_search or r.mse_search, num_candidates=r.num_candidates)
+        mse_search=spec.mse_search or r.mse_search, num_candidates=r.num_candidates,
+        signed=bool(spec.signed))
 
   @staticmethod
   def _ranges(state, ndim, axes):
@@ -169,7 +173,8 @@ class QuantHooks:
     if 'scale' in state:            # learned step size (QAT with LSQ / LSQ+)
       return self._lsq(state, w, axes)
     x_min, x_max = self._ranges(state, w.ndim, axes)
-    return quantizers.quantize_dequantize(w, spec.n_bits, spec.symmetric, x_min, x_max)
+    return quantizers.quantize_dequantize(w, spec.n_bits, spec.symmetric, x_min, x_max,
+                                          x_neg=spec.x_neg)
 
   def _lsq(self, state, x, axes):
     """x quantized with an LSQ / LSQ+ state (mode 'learned', or 'frozen' on a QAT export)."""
@@ -204,6 +209,8 @@ class QuantHooks:
     if not spec.enabled and not needs_stats:
       return x
     m = token_mask_for(x, mask)
+    if spec.granularity == 'per_token':
+      return self._act_per_token(module, name, spec, x, m, needs_stats)
     d = x.shape[-1]
     per_dim = spec.granularity in ('per_embd', 'groups') and x.ndim in (2, 3)
     grouped = per_dim and spec.granularity == 'groups'
@@ -265,7 +272,44 @@ class QuantHooks:
       x_min, x_max = quantizers.expand_group_ranges(x_min, x_max, gid)
     out_dtype = jnp.float32 if spec.n_bits > 8 else x.dtype
     xq = quantizers.quantize_dequantize(x.astype(jnp.float32), spec.n_bits, spec.symmetric,
-                                        x_min, x_max)
+                                        x_min, x_max, x_neg=spec.x_neg)
+    return xq.astype(out_dtype)
+
+  def _act_per_token(self, module, name, spec, x, m, needs_stats):
+    """act() of a 'per_token' point: one range per row of the last axis, from x itself in
+    every mode that quantizes (no state; 'init' / 'stats' only keep a permutation source's FP
+    statistics). Within a row, entries the mask marks invalid along the last axis (the keys
+    of padding tokens in (B, H, T, T) scores / probabilities) are left out of the range; a
+    row without a valid entry (a padding query) uses all its entries."""
+    mode = self.mode
+    if mode == 'init':
+      if needs_stats:
+        d = x.shape[-1]
+        module.put_variable(COLLECTION, name, {
+            'fp': {'range': jnp.zeros((d,), jnp.float32), 'n': jnp.zeros((), jnp.int32)}})
+      return x
+    if mode == 'stats':
+      if needs_stats:
+        state = dict(self._read(module, name, 'stats'))
+        state['fp'] = fp_range_update(state['fp'], x, m)
+        module.put_variable(COLLECTION, name, state)
+      return x
+    if not spec.enabled:
+      return x
+    xf = jax.lax.stop_gradient(x.astype(jnp.float32))
+    x_min = jnp.min(xf, axis=-1, keepdims=True)
+    x_max = jnp.max(xf, axis=-1, keepdims=True)
+    if m is not None and x.ndim >= 2:
+      row = estimators.compact_mask(m, x.shape)
+      if row.shape[-1] > 1:     # the mask varies within a row
+        lo = jnp.min(jnp.where(row, xf, jnp.inf), axis=-1, keepdims=True)
+        hi = jnp.max(jnp.where(row, xf, -jnp.inf), axis=-1, keepdims=True)
+        any_valid = jnp.any(row, axis=-1, keepdims=True)
+        x_min = jnp.where(any_valid, lo, x_min)
+        x_max = jnp.where(any_valid, hi, x_max)
+    out_dtype = jnp.float32 if spec.n_bits > 8 else x.dtype
+    xq = quantizers.quantize_dequantize(x.astype(jnp.float32), spec.n_bits, spec.symmetric,
+                                        x_min, x_max, x_neg=spec.x_neg)
     return xq.astype(out_dtype)
 
   # ---- int8 matmuls ----------------------------------------------------------------------------

@@ -21,10 +21,10 @@ Resolution of one point, in order (later steps win, attribute by attribute):
      ranges_weights; activations n_bits_act asymmetric (qmethod_acts), granularity
      act_granularity, estimator ranges_acts;
   2. quant_setup: all | fp32_head | fp32_head+int16_final_LN | fp32_head+int16_all_LN |
-     FP_logits | MSE_logits | CE_logits;
+     FP_logits | MSE_logits | CE_logits | linear_inputs | matmul_inputs;
   3. quant_dict overrides, least specific first: 'L' < 'x' (a point letter, all layers) < 'L3'
      < 'x3'. A value is the bits (int; 32 = fp32), 'fp32', 'per_tensor', 'per_embd',
-     'ngK' (K groups) or 'ngpK' (K groups, range-sorted permutation). 'L' keys set bits or
+     'per_token', 'ngK' (K groups) or 'ngpK' (K groups, range-sorted permutation). 'L' keys set bits or
      fp32 of weights and activations of the layer, granularities only of its activations.
      An 'e' key also sets 'ewt' (the original's 'e' drives both embedding-sum quantizers).
      Any 'Et' key (BERT) also switches the word-embedding table's range estimator to MSE with
@@ -33,6 +33,48 @@ Resolution of one point, in order (later steps win, attribute by attribute):
 quant_setup, as the originals: fp32_head* leave every head point (weights and outputs) in FP;
 int16_final_LN / int16_all_LN put the LayerNorm's output AND its gamma at 16 bits (the
 original sets both quantizers of the LN); FP_logits leaves only the logits' output in FP.
+
+Setups that select WHICH points are quantized (every other point, weights included, is FP;
+quant_dict overrides still apply on top, e.g. {'q': 8, 'k': 8, 'v': 8}):
+
+  linear_inputs  SmoothQuant's W8A8 (W8A8Linear on every Linear of the decoder layers): the
+        weight of every Dense layer inside the layers (wq, wk, wv, wg, wf, wh) and the
+        activation feeding it; embeddings, LayerNorm gammas, the heads and OPT's
+        project_in / project_out stay FP (the original leaves lm_head in FP).
+          BERT          eln, z0..z(L-2) (Q/K/V inputs), c_i (out-proj input), x_i (FFN1
+                        input), f_i (FFN2 input, after GELU)
+          OPT pre-LN    a_i (Q/K/V input), c_i, x_i (fc1 input), f_i (fc2 input, after ReLU)
+          OPT post-LN   e, x0..x(L-2) (Q/K/V inputs), a_i (fc1 input), c_i, f_i
+  matmul_inputs  Outlier Suppression's setting (the inputs of every matmul): LayerNorm outputs
+        feeding Q/K/V and the FFN, Q, K, V, the probabilities, the context, the FFN
+        activation's output, and the inputs of the head's Linears; every Linear weight and the
+        embedding tables (the original's QEmbedding); residual sums, Linear outputs that feed
+        no matmul, the scores, the logits and LayerNorm gammas stay FP.
+          BERT          eln; per layer q, k, v, p, c, x, f, z (z(L-1) feeds the pooler / MLM
+                        transform); P (classifier input), Mln (MLM decoder input); weights
+                        Et, Ep, Ets, wq, wk, wv, wg, wf, wh, wP, wC, wMt, wM
+          OPT pre-LN    per layer a, q, k, v, p, c, x, f; fln (LM head / project_out input),
+                        pout; weights Et, Ep, wq, wk, wv, wg, wf, wh, wpin, wpout, wM
+          OPT post-LN   e; per layer q, k, v, p, c, a, f, x (x(L-1) feeds the LM head); pout;
+                        the same weights
+  The points are outputs: where a post-LN model's Linear input also feeds the residual
+  branch (BERT eln / z, post-LN OPT e / x / a), its quantizer acts on the residual too (the
+  originals quantize only the Linear's copy in SmoothQuant, both in Outlier Suppression).
+  BERT's pooler reads token 0 of z(L-1): Outlier Suppression quantizes that token alone (its
+  range from token 0 only); here z(L-1) is one quantizer over every token.
+
+Activation granularity 'per_token' (quant.act_granularity or a quant_dict value): one range
+per row of the last (hidden) axis, from the current tensor in every mode that quantizes
+(nothing is stored or calibrated): absmax with symmetric activations, min / max with
+asymmetric ones. (B, T, D) tensors: one range per token over D (Q / K / V and the context
+over all heads together); the 4-D scores / probabilities (B, H, T, T): one range per
+(batch, head, query) row over the keys, the keys of padding tokens excluded (a row of a
+padding query keeps all its entries).
+
+quant.symmetric_signed=True: every symmetric quantizer uses the signed grid
+[-2^(b-1), 2^(b-1) - 1], s = absmax / (2^(b-1) - 1), also on non-negative tensors (ReLU
+outputs, probabilities): SmoothQuant's fake quant. False (default): the unsigned grid
+[0, 2^b - 1] where the quantizer's x_min >= 0, as transformer-quantization.
 
 Deliberate differences from the originals:
   - precedence: the more specific key wins (the original applied 'x3', 'x', 'L3', 'L' in that
@@ -77,7 +119,10 @@ ALL_GLOBAL_ACTS = tuple(sorted(set(GLOBAL_ACTS['bert']) | set(GLOBAL_ACTS['opt']
 ALL_TABLES = ('Et', 'Ep', 'Ets')
 
 QUANT_SETUPS = ('all', 'fp32_head', 'fp32_head+int16_final_LN', 'fp32_head+int16_all_LN',
-                'FP_logits', 'MSE_logits', 'CE_logits')
+                'FP_logits', 'MSE_logits', 'CE_logits', 'linear_inputs', 'matmul_inputs')
+# Setups that name the quantized points (Rules.selected); every other point stays FP.
+SELECTING_SETUPS = ('linear_inputs', 'matmul_inputs')
+LINEAR_WEIGHTS = ('q', 'k', 'v', 'g', 'f', 'h')        # the Dense layers inside the layers
 QMETHODS = ('symmetric_uniform', 'asymmetric_uniform')
 WEIGHT_ESTIMATORS = ('current_minmax', 'running_minmax', 'allminmax', 'percentile', 'mse')
 ACT_ESTIMATORS = ('current_minmax', 'running_minmax', 'allminmax', 'percentile', 'mse',
@@ -86,7 +131,7 @@ MSE_SEARCHES = ('grid', 'golden')
 # Estimators that use quant.percentile: running_minmax with percentile p > 0 averages (EMA) the
 # per-batch (100 - p, p) percentiles instead of min / max, i.e. the 'percentile' estimator.
 PERCENTILE_ESTIMATORS = ('percentile', 'running_minmax')
-GRAN_RE = re.compile(r'^(per_tensor|per_embd|ng(\d+)|ngp(\d+))$')
+GRAN_RE = re.compile(r'^(per_tensor|per_embd|per_token|ng(\d+)|ngp(\d+))$')
 KEY_RE = re.compile(r'^([A-Za-z]+?)(\d+)?$')
 
 # The originals' defaults; configs/base.py quant_defaults() holds the same values (a test
@@ -99,7 +144,7 @@ QUANT_DEFAULTS = dict(
     momentum=0.9, est_num_batches=16, per_channel=False, quant_setup='all', quant_dict='',
     dynamic=False, int8=False)
 EXTRA_DEFAULTS = dict(act_granularity='per_tensor', permute_shared_h=False, mse_search='grid',
-                      num_candidates=100,
+                      num_candidates=100, symmetric_signed=False,
                       # AdaRound (quant/methods/adaround.py): the originals' defaults.
                       adaround=False, adaround_iters=10000, adaround_samples=1024,
                       adaround_lambda=0.01, adaround_beta=(20.0, 2.0), adaround_warmup=0.2,
@@ -150,7 +195,7 @@ class Override:
   """One quant_dict entry, parsed: what it sets."""
   bits: Optional[int] = None          # None: unchanged
   enabled: Optional[bool] = None
-  granularity: Optional[str] = None   # 'per_tensor' | 'per_embd' | 'groups'
+  granularity: Optional[str] = None   # 'per_tensor' | 'per_embd' | 'per_token' | 'groups'
   n_groups: int = 0
   permute: bool = False
 
@@ -172,14 +217,14 @@ def parse_value(key: str, value, field: str = 'quant.quant_dict') -> Override:
       return parse_value(key, int(v), field)
     m = GRAN_RE.match(v)
     if m:
-      if m.group(1) in ('per_tensor', 'per_embd'):
+      if m.group(1) in ('per_tensor', 'per_embd', 'per_token'):
         return Override(granularity=m.group(1))
       k = int(m.group(2) or m.group(3))
       if k < 1:
         raise ConfigError(f'{field}: {key!r}: {value!r} needs at least 1 group')
       return Override(granularity='groups', n_groups=k, permute=m.group(3) is not None)
   raise ConfigError(f"{field}: {key!r}: {value!r}; expected bits (int), 'fp32', 'per_tensor', "
-                    "'per_embd', 'ngK' or 'ngpK'")
+                    "'per_embd', 'per_token', 'ngK' or 'ngpK'")
 
 
 def parse_key(key: str, field: str = 'quant.quant_dict') -> tuple[str, Optional[int]]:
@@ -241,7 +286,8 @@ def parse_quant_dict(spec) -> tuple[tuple[str, Optional[int], Override], ...]:
 def parse_granularity(value, field='quant.act_granularity') -> Override:
   m = GRAN_RE.match(str(value))
   if not m:
-    raise ConfigError(f"{field}={value!r}: expected 'per_tensor', 'per_embd', 'ngK' or 'ngpK'")
+    raise ConfigError(f"{field}={value!r}: expected 'per_tensor', 'per_embd', 'per_token', 'ngK' "
+                      "or 'ngpK'")
   return parse_value('*', str(value), field)
 
 
@@ -299,7 +345,7 @@ def validate_quant_config(config) -> None:
   nc = _get(q, 'num_candidates')
   if isinstance(nc, bool) or not isinstance(nc, int) or nc < 2:
     bad('num_candidates', 'must be an integer >= 2')
-  for f in ('per_channel', 'dynamic', 'int8', 'permute_shared_h'):
+  for f in ('per_channel', 'dynamic', 'int8', 'permute_shared_h', 'symmetric_signed'):
     if not isinstance(_get(q, f), bool):
       bad(f, 'expected True or False')
   if not isinstance(_get(q, 'weight_only'), bool):
@@ -362,12 +408,20 @@ class PointSpec:
   enabled: bool
   n_bits: int
   symmetric: bool
-  granularity: str            # 'per_tensor' | 'per_channel' (weights) | 'per_embd' | 'groups'
+  granularity: str            # 'per_tensor' | 'per_channel' (weights) | 'per_embd' | 'per_token'
+                              # (always dynamic) | 'groups'
   estimator: str
   n_groups: int = 0
   permute: bool = False
   perm_source: Optional[str] = None   # the point whose FP per-dim ranges define the permutation
   mse_search: Optional[str] = None    # MSE / CE search of this point; None: quant.mse_search
+  signed: Optional[bool] = None       # symmetric grid: True signed always; None: signed iff
+                                      # x_min < 0 (quant.symmetric_signed)
+
+  @property
+  def x_neg(self) -> Optional[bool]:
+    """The `x_neg` argument of quantizers.quantize_dequantize for this point."""
+    return True if (self.symmetric and self.signed) else None
 
 
 def split_name(name: str) -> tuple[str, str, Optional[int]]:
@@ -411,6 +465,9 @@ class Rules:
   dynamic: bool
   int8: bool
   running_percentile: bool = False    # running_minmax means an EMA of per-batch percentiles
+  pre_ln: bool = True                 # OPT: do_layer_norm_before (the selecting setups)
+  projects: bool = False              # OPT: project_in / project_out exist
+  symmetric_signed: bool = False      # symmetric quantizers always on the signed grid
 
   @classmethod
   def build(cls, qcfg, model_cfg) -> 'Rules':
@@ -434,7 +491,10 @@ class Rules:
         overrides=parse_quant_dict(g('quant_dict')), permute_shared_h=bool(g('permute_shared_h')),
         percentile=pct if pct > 0 else 99.999, momentum=float(g('momentum')),
         mse_search=g('mse_search'), num_candidates=int(g('num_candidates')),
-        dynamic=bool(g('dynamic')), int8=bool(g('int8')), running_percentile=pct > 0)
+        dynamic=bool(g('dynamic')), int8=bool(g('int8')), running_percentile=pct > 0,
+        pre_ln=bool(getattr(model_cfg, 'do_layer_norm_before', True)),
+        projects=mtype == 'opt' and model_cfg.embed_dim != model_cfg.hidden_size,
+        symmetric_signed=bool(g('symmetric_signed')))
 
   # -- per point ---------------------------------------------------------------------------
   @functools.lru_cache(maxsize=None)
@@ -461,11 +521,43 @@ class Rules:
       return base in LN_ACTS and base not in HEAD
     return False
 
+  @functools.lru_cache(maxsize=None)
+  def selected(self) -> Optional[frozenset]:
+    """The points a selecting quant_setup quantizes (module docstring), or None (every
+    point, the other setups). BERT's set names both heads' points (a model has one)."""
+    setup, n, t = self.quant_setup, self.num_layers, self.model_type
+    if setup not in SELECTING_SETUPS:
+      return None
+    layers = range(n)
+    per_layer = lambda bases, upto=n: {f'{b}{i}' for b in bases for i in range(upto)}
+    weights = {f'w{b}{i}' for b in LINEAR_WEIGHTS for i in layers}
+    if setup == 'linear_inputs':
+      if t == 'bert':
+        acts = {'eln'} | per_layer('z', n - 1) | per_layer('cxf')
+      elif self.pre_ln:
+        acts = per_layer('acxf')
+      else:
+        acts = {'e'} | per_layer('x', n - 1) | per_layer('acf')
+      return frozenset(acts | weights)
+    # matmul_inputs
+    if t == 'bert':
+      acts = {'eln', 'P', 'Mln'} | per_layer('qkvpcxfz')
+      weights |= {'Et', 'Ep', 'Ets', 'wP', 'wC', 'wMt', 'wM'}
+    else:
+      acts = per_layer('qkvpcafx') | ({'fln'} if self.pre_ln else {'e'})
+      weights |= {'Et', 'Ep', 'wM'}
+      if self.projects:
+        acts |= {'pout'}
+        weights |= {'wpin', 'wpout'}
+    return frozenset(acts | weights)
+
   def _weight_spec(self, name, base, layer) -> PointSpec:
     enabled = True
     bits = self.n_bits
     est, search = self.ranges_weights, None
     if self.quant_setup.startswith('fp32_head') and base in HEAD:
+      enabled = False
+    if self.selected() is not None and name not in self.selected():
       enabled = False
     if base not in ALL_TABLES and self._int16_ln(base, name[1:]):
       bits = 16
@@ -485,7 +577,8 @@ class Rules:
       est = 'percentile'
     return PointSpec(name=name, kind='weight', enabled=enabled, n_bits=bits,
                      symmetric=self.symmetric_weights, granularity=gran,
-                     estimator=est, mse_search=search)
+                     estimator=est, mse_search=search,
+                     signed=True if self.symmetric_signed else None)
 
   def _act_spec(self, name, base, layer) -> PointSpec:
     enabled, bits, est = True, self.n_bits_act, self.ranges_acts
@@ -496,6 +589,8 @@ class Rules:
     setup = self.quant_setup
     search = None
     if setup.startswith('fp32_head') and base in HEAD:
+      enabled = False
+    if self.selected() is not None and name not in self.selected():
       enabled = False
     if self._int16_ln(base, name):
       bits = 16
@@ -515,7 +610,7 @@ class Rules:
         bits = ov.bits
       if ov.granularity is not None:
         gran, ng, perm = ov.granularity, ov.n_groups, ov.permute
-    if gran == 'per_tensor':
+    if gran in ('per_tensor', 'per_embd', 'per_token'):
       ng, perm = 0, False
     if est == 'running_minmax' and self.running_percentile:
       est = 'percentile'     # EMA of the per-batch percentiles (see PERCENTILE_ESTIMATORS)
@@ -523,9 +618,12 @@ class Rules:
     if gran == 'groups' and perm:
       shared = self.permute_shared_h and layer is not None and base in ('x', 'h', 'y')
       source = f'h{layer}' if shared else name
+    if gran == 'per_token':
+      est = 'current_minmax'    # always dynamic: each row's range from the current tensor
     return PointSpec(name=name, kind='act', enabled=enabled, n_bits=bits,
                      symmetric=self.symmetric_acts, granularity=gran, estimator=est,
-                     n_groups=ng, permute=perm, perm_source=source, mse_search=search)
+                     n_groups=ng, permute=perm, perm_source=source, mse_search=search,
+                     signed=True if self.symmetric_signed else None)
 
   # -- model-wide ----------------------------------------------------------------------------
   def act_points(self) -> tuple[str, ...]:
@@ -559,7 +657,17 @@ class Rules:
 
 
 def describe(rules: Rules, only_changed: bool = True) -> str:
-  """A readable table of the resolved points (those differing from the plain default)."""
+  """A readable table of the resolved points (those differing from the plain default).
+
+  The first line names the quant_setup (and, for the selecting setups, which points it
+  quantizes); consecutive layers of one point resolved alike share a row ('f0..f11').
+  """
+  head = f'quant_setup={rules.quant_setup}'
+  if rules.symmetric_signed:
+    head += ', symmetric quantizers on the signed grid'
+  if rules.selected() is not None:
+    on = [s.name for s in rules.table() if s.enabled]
+    head += ': quantized ' + (_compact(on) or 'nothing') + '; every other point fp32'
   rows = []
   for s in rules.table():
     base_bits = rules.n_bits if s.kind == 'weight' else rules.n_bits_act
@@ -568,6 +676,8 @@ def describe(rules: Rules, only_changed: bool = True) -> str:
     changed = (not s.enabled or s.n_bits != base_bits or s.granularity != default_gran
                or s.estimator != (rules.ranges_weights if s.kind == 'weight' else
                                   rules.ranges_acts))
+    if rules.selected() is not None and not s.enabled:
+      changed = False          # named in the first line
     if only_changed and not changed:
       continue
     if not s.enabled:
@@ -576,6 +686,39 @@ def describe(rules: Rules, only_changed: bool = True) -> str:
       what = f'{s.n_bits}b {s.granularity}'
       if s.granularity == 'groups':
         what += f'({s.n_groups}{", permuted by " + s.perm_source if s.permute else ""})'
-      what += f' {s.estimator}'
-    rows.append(f'  {s.name:>6}  {what}')
-  return '\n'.join(rows)
+      what += ' dynamic' if s.granularity == 'per_token' else f' {s.estimator}'
+    rows.append((s.name, what))
+  lines = [head]
+  for label, what in _runs(rows):
+    lines.append(f'  {label:>6}  {what}')
+  return '\n'.join(lines)
+
+
+def _runs(items):
+  """[(name, what)] -> [(label, what)]: per point (first appearance order), the layers in
+  runs of consecutive indices resolved alike ('f0..f11')."""
+  groups = {}
+  for name, what in items:
+    kind, base, layer = split_name(name)
+    groups.setdefault((kind, base, name if layer is None else ''), []).append(
+        (layer, what, name))
+  out = []
+  for (_, base, _), members in groups.items():
+    members.sort(key=lambda m: -1 if m[0] is None else m[0])
+    run = None
+    for layer, what, name in members:
+      if run and layer is not None and run[1] == layer - 1 and run[2] == what:
+        run[1] = layer
+        continue
+      if run:
+        out.append(run)
+      run = [layer, layer, what, name]
+    if run:
+      out.append(run)
+  label = lambda r: r[3] if r[0] == r[1] else f'{r[3]}..{r[3][:-len(str(r[0]))]}{r[1]}'
+  return [(label(r), r[2]) for r in out]
+
+
+def _compact(names) -> str:
+  """['a0', 'a1', 'c0', 'eln'] -> 'a0..a1, c0, eln' (runs of consecutive layers)."""
+  return ', '.join(label for label, _ in _runs([(n, '') for n in names]))
