@@ -119,9 +119,29 @@ def _label_value(raw: str, fmt: TsvFormat, info: GlueTask, where: str):
       raise DataError(f"{where}: label {raw!r} is not one of {', '.join(table)}")
     return table[raw]
   try:
-    return float(raw) if info.is_regression else int(raw)
+    value = float(raw) if info.is_regression else int(raw)
   except ValueError:
     raise DataError(f'{where}: label {raw!r} is not a number') from None
+  return _checked_label(value, info, where)
+
+
+def _checked_label(value, info: GlueTask, where: str):
+  """A class label inside the task's label set (0..num_labels-1), a finite regression
+  target; DataError naming the file and row otherwise."""
+  import math  # pylint: disable=import-outside-toplevel
+  if info.is_regression:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+        not math.isfinite(value):
+      raise DataError(f'{where}: label {value!r} is not a finite number ({info.name} is a '
+                      'regression task)')
+    return float(value)
+  if isinstance(value, float) and value.is_integer():
+    value = int(value)
+  if isinstance(value, bool) or not isinstance(value, int) or \
+      not 0 <= value < info.num_labels:
+    raise DataError(f'{where}: label {value!r} is outside the {info.name} label set '
+                    f'(0..{info.num_labels - 1})')
+  return value
 
 
 def read_glue_tsv(path: str, task: str) -> dict[str, list]:
@@ -202,14 +222,26 @@ def read_glue_jsonl(path: str, task: str) -> dict[str, list]:
           if not isinstance(row, dict) or k not in row:
             raise DataError(f"data.files: '{path}' line {lineno}: no field '{k}' for task "
                             f'{task}')
-          cols[k].append(row[k])
+          cols[k].append(row[k] if k != 'label' else _checked_label(
+              row[k], info, f"data.files: '{path}' line {lineno}"))
   except UnicodeDecodeError as e:
     raise DataError(f"data.files: cannot decode '{path}' as UTF-8 ({e.reason} at byte "
                     f'{e.start})') from None
   except OSError as e:
     raise DataError(f"data.files: cannot read '{path}' ({e.strerror or e})") from None
-  cols['label'] = [float(v) if info.is_regression else int(v) for v in cols['label']]
   return cols
+
+
+def check_local_files(data_config) -> None:
+  """source=glue with a data.files folder: the dev split(s) the task is evaluated on are
+  there (MNLI: matched and mismatched), so a run does not stop at its first evaluation;
+  DataError naming the missing file otherwise. (The train split is read first thing.)"""
+  if data_config.get('source', '') != 'glue' or not str(data_config.get('files', '')).strip():
+    return
+  info = glue_task_info(data_config.get('glue_task', ''))
+  splits = ['validation'] + (['validation_mismatched'] if info.name == 'mnli' else [])
+  for split in splits:
+    local_glue_path(data_config, split)
 
 
 def local_glue_path(data_config, split: str) -> str:

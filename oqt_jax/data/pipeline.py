@@ -51,6 +51,7 @@ def validate_data_config(config) -> None:
                       '.txt files or folders)')
   if source == 'glue':
     glue.glue_task_info(d.get('glue_task', ''))
+    glue.check_local_files(d)   # the dev split(s) exist before any work
   kind = lm_kind(config)
   model = config.model
 

@@ -168,7 +168,9 @@ def get_tokenizer(config, workdir: str | None = None):
     from oqt_jax.data import synthetic  # pylint: disable=import-outside-toplevel
     return synthetic.build_tokenizer(d)
   if name:
-    return _load_dir(os.path.expanduser(name), 'data.tokenizer', d.get('cache_dir', ''))
+    tok = _load_dir(os.path.expanduser(name), 'data.tokenizer', d.get('cache_dir', ''))
+    check_tokenizer(tok, f"data.tokenizer='{name}'")
+    return tok
 
   want = _stamp(config)
   max_len = int(config.model.get('max_position_embeddings', 512))
@@ -195,6 +197,21 @@ def get_tokenizer(config, workdir: str | None = None):
     shutil.rmtree(tmp, ignore_errors=True)  # another process won the race
   _check_stamp(path, want)
   return _load_dir(path, 'workdir tokenizer')
+
+
+def check_tokenizer(tok, field: str, vocab_size: int | None = None) -> None:
+  """DataError when `tok` cannot serve a model: no ordinary token (only special ones: MLM
+  masking would have no replacement token to draw), or (with vocab_size, the model's
+  embedding rows) ids beyond the embedding table."""
+  n = len(tok)
+  special = set(special_token_ids(tok))
+  if n - len(special) <= 0:
+    raise DataError(f'{field}: the tokenizer has only special tokens ({n}); it cannot encode '
+                    'text')
+  if vocab_size is not None and n > int(vocab_size):
+    raise DataError(f'{field}: the tokenizer has {n} tokens, the model\'s embedding table '
+                    f'{vocab_size} rows (ids up to {n - 1} would fall outside it): the '
+                    'tokenizer does not belong to this model')
 
 
 def tokenizer_fingerprint(tok) -> str:

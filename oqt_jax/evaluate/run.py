@@ -274,7 +274,10 @@ def _run_tokenizer(config, workdir):
 
 def datasets(config, workdir, calib: bool):
   from oqt_jax import data
+  from oqt_jax.data.tokenizer import check_tokenizer
   tok = data.get_tokenizer(config, workdir)
+  check_tokenizer(tok, f"data.tokenizer='{config.data.get('tokenizer', '') or workdir}'",
+                  config.model.get('vocab_size'))
   val = data.build_dataset(config, tok, 'validation', workdir)
   cal = None
   if calib:
