@@ -2,6 +2,20 @@
 
   model, variables = quant.smoothquant(model, variables, batches, alpha=0.5)
   qmodel, qvariables = quant.calibrate(model, variables, batches, qcfg)     # the usual W8A8
+  qmodel, qvariables = smoothquant_method(model, variables, batches, quant.config(**PRESET))
+
+The original's W8A8 evaluation (its fake_quant.py, `quantize_model` defaults) is PRESET:
+every Linear inside the decoder layers (Q, K, V, out, fc1, fc2) gets per-output-channel
+symmetric absmax weights, s = max|W_row| / 127, and its input is quantized per token
+(dynamic: each row's absmax / 127, computed from the current tensor); the Linear outputs,
+residual sums, LayerNorm gammas, embeddings and the LM head stay floating point
+(quant_setup='linear_inputs', act_granularity='per_token', symmetric_signed=True: the signed
+grid also on ReLU outputs, as the original). Options of the original:
+  quantize_bmm_input   quant_dict="{'q': 8, 'k': 8, 'v': 8}" (Q, K, V outputs, per token);
+  per-tensor static    PRESET_STATIC: its int8 OPT (smoothquant/opt.py with torch_int's
+                       kernels): per-tensor absmax weights, per-tensor static input ranges
+                       (max |x| over the calibration set, allminmax), and the bmm inputs
+                       (Q, K, V, the probabilities) on static per-tensor ranges too.
 
 For every LayerNorm whose output X feeds Linear layers (the same LayerNorms as Gamma
 Migration, migration.ln_consumers), per hidden dim j:
@@ -36,6 +50,23 @@ from oqt_jax.quant.calibrate import model_inputs
 from oqt_jax.quant.methods import migration
 
 CLAMP = 1e-5
+
+# The original's W8A8 setting (fake_quant.py W8A8Linear, weight_quant='per_channel',
+# act_quant='per_token', quantize_output=False; smoothing alpha 0.5 for OPT). dynamic=True:
+# its activation quantizers (per token, or per tensor with act_quant='per_tensor') take their
+# ranges from each tensor, so nothing is calibrated but the smoothing factors.
+PRESET: dict = dict(
+    n_bits=8, n_bits_act=8, qmethod='symmetric_uniform', per_channel=True,
+    ranges_weights='current_minmax', qmethod_acts='symmetric_uniform',
+    act_granularity='per_token', quant_setup='linear_inputs', symmetric_signed=True,
+    quant_dict='', dynamic=True, smoothquant_alpha=0.5)
+# Its per-tensor static variant (int8 OPT): per-tensor weights; static per-tensor absmax
+# ranges (max over the calibration set) of every Linear input and of the bmm inputs.
+PRESET_STATIC: dict = dict(
+    PRESET, per_channel=False, act_granularity='per_tensor', ranges_acts='allminmax', dynamic=False,
+    quant_dict="{'q': 8, 'k': 8, 'v': 8, 'p': 8}")
+# get_act_scales / get_static_decoder_layer_scales: 512 samples of 512 tokens.
+CALIB_SAMPLES = 512
 
 
 def activation_absmax(model, variables, batches: Iterable[Any]) -> dict:
@@ -99,3 +130,22 @@ def smoothquant(model, variables, batches: Iterable[Any], alpha: float = 0.5, *,
   s = smoothing_factors(model, variables, act, float(alpha))
   # migrate() divides the LN by f and multiplies the Linear rows by f: f = s.
   return migration.migrate(model, variables, s)
+
+
+def smoothquant_method(model, variables, batches: Iterable[Any], qcfg=None, progress=False):
+  """SmoothQuant then calibration: (qmodel, qvariables).
+
+  The activation maxima and the calibration use the first qcfg.est_num_batches batches;
+  alpha is qcfg.smoothquant_alpha. qcfg None: quant.config(**PRESET) (the original's W8A8).
+  """
+  from oqt_jax.quant.calibrate import calibrate, model_inputs
+  from oqt_jax.quant.points import config
+  if qcfg is None:
+    qcfg = config(**PRESET)
+  if 'quant' in qcfg:   # a full experiment config
+    qcfg = qcfg.quant
+  n = int(qcfg.get('est_num_batches', 16))
+  cal = [model_inputs(model, b) for b in itertools.islice(iter(batches), n)]
+  model, variables = smoothquant(model, variables, cal,
+                                 alpha=float(qcfg.get('smoothquant_alpha', 0.5)))
+  return calibrate(model, variables, cal, qcfg, progress=progress)
