@@ -42,6 +42,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
+_FLAGS_BEFORE = set(FLAGS)
 config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py).',
                                 lock_config=False)
 flags.DEFINE_string('workdir', None, 'Run directory of train.py (hf/ or checkpoints/); '
@@ -69,6 +70,8 @@ flags.DEFINE_float('temperature', 0.0, '--prompt: 0 = greedy, > 0 = sampling tem
 flags.DEFINE_integer('top_k', 0, '--prompt: sample among the top k tokens (0 = all).')
 flags.DEFINE_integer('seed', None, '--prompt: sampling seed (default config.seed).')
 
+
+_OWN_FLAGS = sorted(set(FLAGS) - _FLAGS_BEFORE)   # listed by --help
 
 def _explicit_quant_fields(args):
   """The config.quant fields set on the command line (--config.quant.NAME[=VALUE])."""
@@ -141,7 +144,7 @@ _LATE_OVERRIDES = []
 def _parse_flags(argv):
   from oqt_jax.config import help_requested, parse_cli_flags, print_help, split_late_overrides
   if help_requested(argv):   # --help / -h: this docstring and the flags, exit 0
-    print_help(__doc__, FLAGS, __name__)
+    print_help(__doc__, FLAGS, _OWN_FLAGS)
     sys.exit(0)
   argv, late = split_late_overrides(argv)
   _LATE_OVERRIDES[:] = late

@@ -20,6 +20,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
+_FLAGS_BEFORE = set(FLAGS)
 config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py).',
                                 lock_config=False)
 flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, metrics, tokenizer, hf export.')
@@ -29,6 +30,8 @@ flags.DEFINE_enum('distributed', 'auto', ['auto', 'yes', 'no'],
 flags.DEFINE_bool('progress', True, 'Show a tqdm progress bar.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
+
+_OWN_FLAGS = sorted(set(FLAGS) - _FLAGS_BEFORE)   # listed by --help
 
 def main(argv):
   if len(argv) > 1:
@@ -51,7 +54,7 @@ def main(argv):
 def _parse_flags(argv):
   from oqt_jax.config import help_requested, parse_cli_flags, print_help
   if help_requested(argv):   # --help / -h: this docstring and the flags, exit 0
-    print_help(__doc__, FLAGS, __name__)
+    print_help(__doc__, FLAGS, _OWN_FLAGS)
     sys.exit(0)
   return parse_cli_flags(argv)   # every flag mistake: one line `error: ...`, exit 2
 

@@ -313,12 +313,12 @@ def help_requested(argv: Sequence[str]) -> bool:
   return any(a in HELP_FLAGS for a in args)
 
 
-def print_help(doc: str, flag_values, module_name: str) -> None:
-  """The script's docstring (usage examples), then its own flags with their defaults."""
+def print_help(doc: str, flag_values, names: Sequence[str]) -> None:
+  """The script's docstring (usage examples), then its own flags (`names`) with their
+  defaults."""
   print((doc or '').strip() + '\n')
   print('Flags:')
-  flags_of = flag_values.flags_by_module_dict()
-  own = flags_of.get(module_name) or flags_of.get(sys.argv[0]) or []
+  own = [flag_values[n] for n in names if n in flag_values]
   for f in sorted(own, key=lambda f: f.name):
     default = '' if f.default is None else f' (default: {f.default_as_str})'
     help_text = ' '.join(str(f.help).split())

@@ -424,6 +424,10 @@ def load(path, *, rng=None, **overrides) -> tuple[nn.Module, dict]:
   except CheckpointError as e:   # name the file, not just 'config.json'
     raise CheckpointError(str(e).replace('config.json:', f'{cfg_path}:', 1)) from None
   cfg = config_from_hf(hf_cfg, **overrides)
+  if cfg.model_type == 'opt' and cfg.resolved_head not in ('clm', 'none'):
+    raise CheckpointError(f'{ckpt_dir}: an OPT checkpoint, asked for a {cfg.resolved_head!r} '
+                          "head: OPT models have 'clm' / 'none' heads here (a classifier needs "
+                          'a BERT checkpoint)')
   model = (Bert if cfg.model_type == 'bert' else Opt)(cfg)
   sd = _normalise_keys(read_state_dict(ckpt_dir))
   original_gates = convert_original_gates(sd, cfg, ckpt_dir)
