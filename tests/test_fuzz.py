@@ -264,3 +264,109 @@ def test_quant_settings_that_fail_on_the_model_are_checked_first(tiny):
   c.quant.quant_dict = "{'h3': 8}"
   with pytest.raises(ConfigError, match="point 'h3': the opt model has 1 layers"):
     run.check_quant_for_model(c, model, variables)
+
+
+# ---------------------------------------------------------------- methods and GLUE fields
+def _method_names():
+  from oqt_jax.quant import methods
+  return sorted(n for n in (methods.names() if hasattr(methods, 'names')
+                            else methods.METHODS) if n)
+
+
+def _misspelt(name):
+  return st.builds(lambda i, c: name[:i] + c + name[i + 1:],
+                   st.integers(0, max(len(name) - 1, 0)), st.sampled_from('xq_ -'))
+
+
+@FAST
+@given(method=st.one_of(st.sampled_from([''] + _method_names()), st.text(max_size=16),
+                        st.sampled_from(_method_names()).flatmap(_misspelt)),
+       n_bits=st.one_of(st.integers(-3, 40), st.sampled_from([2, 4, 6, 8, 16])),
+       n_bits_act=st.one_of(st.integers(-3, 40), st.sampled_from([4, 6, 8, 16, 32])),
+       extra=st.sampled_from([{}, {'int8': True}, {'weight_only': True}, {'adaround': True},
+                              {'adaround_iters': 0}, {'qat': True}]))
+def test_quant_method_and_bits_validate_or_name_the_field(method, n_bits, n_bits_act, extra):
+  """Any method name and bit widths: valid, or one line naming quant.method (an unknown
+  name lists every known one) or the bit-width field."""
+  from oqt_jax.quant import methods, validate_quant_config
+  c = base.get_config()
+  c.quant.update(dict(method=method, n_bits=n_bits, n_bits_act=n_bits_act, **extra))
+  try:
+    validate_quant_config(c)
+    q = methods.with_preset(c.quant, method, ['n_bits', 'n_bits_act', *extra], batch_size=8)
+    validate_quant_config(q)
+  except ConfigError as e:
+    _one_line_naming(e, 'quant.')
+    if str(e).startswith('quant.method='):
+      for known in _method_names():
+        assert known in str(e), (known, str(e))
+    return
+  assert method in methods.METHODS
+  assert 2 <= n_bits <= 16 and (2 <= n_bits_act <= 16 or n_bits_act == 32)
+
+
+GLUE_LABELS = st.one_of(st.integers(-3, 5), st.text(max_size=6),
+                        st.sampled_from(['0', '1', '2', '1.0', 'entailment', 'not_entailment',
+                                         'nan', '']))
+
+
+@FAST
+@given(task=st.sampled_from(['sst2', 'rte', 'mnli', 'stsb', 'cola']),
+       labels=st.lists(GLUE_LABELS, min_size=1, max_size=6))
+def test_glue_rows_load_or_name_file_and_row(tmp_path_factory, task, labels):
+  """A GLUE TSV with any label column: every label inside the task's label set (a finite
+  number for STS-B), or one line naming the file and its line."""
+  from oqt_jax.data import glue
+  d = tmp_path_factory.mktemp('glue')
+  info = glue.glue_task_info(task)
+  fmt = glue.TSV_FORMATS[task]
+  labels = [str(l).replace('\t', ' ').replace('\n', ' ').replace('\r', ' ') for l in labels]
+  if fmt.header:
+    names = [c for c in fmt.columns if c is not None]
+    lines = ['\t'.join(names)]
+    for i, l in enumerate(labels):
+      row = {fmt.columns[0]: f'first {i}', fmt.columns[2]: l}
+      if fmt.columns[1]:
+        row[fmt.columns[1]] = f'second {i}'
+      lines.append('\t'.join(row[n] for n in names))
+  else:   # CoLA: source, label, original label, sentence
+    lines = [f'src\t{l}\t*\tsentence {i}' for i, l in enumerate(labels)]
+  path = d / 'train.tsv'
+  path.write_text('\n'.join(lines) + '\n')
+  try:
+    cols = glue.read_glue_tsv(str(path), task)
+  except DataError as e:
+    msg = str(e)
+    assert '\n' not in msg and str(path) in msg and ' line ' in msg, msg
+    return
+  for v in cols['label']:
+    if info.is_regression:
+      assert math.isfinite(v)
+    else:
+      assert isinstance(v, int) and 0 <= v < info.num_labels
+
+
+@FAST
+@given(task=st.one_of(st.text(max_size=8), st.sampled_from(['sst2', 'mnli', 'rte'])),
+       have=st.sets(st.sampled_from(['train.tsv', 'dev.tsv', 'dev_matched.tsv',
+                                     'dev_mismatched.tsv', 'validation.jsonl']), max_size=3))
+def test_glue_folder_fields(tmp_path_factory, task, have):
+  """data.glue_task / data.files: validation passes only when the task is known and its dev
+  split(s) are in the folder; otherwise one line naming the field or the missing file."""
+  from oqt_jax.data import glue
+  d = tmp_path_factory.mktemp('glue_dir')
+  for f in have:
+    (d / f).write_text('')
+  c = base.get_config()
+  c.data.update(dict(source='glue', glue_task=task, files=str(d)))
+  try:
+    validate(c)
+  except (ConfigError, DataError) as e:
+    _one_line_naming(e, 'data.glue_task', 'data.files')
+    return
+  info = glue.glue_task_info(task)
+  need = {'mnli': [('dev_matched.tsv', 'validation_matched.jsonl'),
+                   ('dev_mismatched.tsv', 'validation_mismatched.jsonl')]}.get(
+                       info.name, [('dev.tsv', 'validation.jsonl')])
+  for tsv, jsonl in need:
+    assert tsv in have or jsonl in have

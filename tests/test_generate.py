@@ -148,36 +148,3 @@ def test_generate_errors(gated_clipped):
     models.generate(model, variables, ids, 2, temperature=-1.0)
   with pytest.raises(ConfigError, match='left-padded'):
     models.generate(model, variables, ids, 2, attention_mask=np.array([[1, 1, 1, 0]]))
-
-
-@pytest.mark.slow
-def test_eval_py_prompt_prints_the_greedy_continuation(tmp_path):
-  import os
-  import subprocess
-  import sys
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  cfg = models.ModelConfig(model_type='opt', vocab_size=2048, hidden_size=32, num_layers=2,
-                           num_heads=4, intermediate_size=64, max_position_embeddings=64,
-                           activation='relu', pad_token_id=1, init_std=0.2)
-  model = models.build(cfg)
-  variables = models.init_variables(model, jax.random.PRNGKey(0))
-  hf.save(model, variables, str(tmp_path / 'hf'))
-  env = dict(os.environ, JAX_PLATFORMS='cpu', HF_HUB_OFFLINE='1', TRANSFORMERS_OFFLINE='1')
-  r = subprocess.run([sys.executable, os.path.join(root, 'eval.py'), '--config',
-                      os.path.join(root, 'configs/tiny_opt_vanilla.py'), '--workdir',
-                      str(tmp_path), '--prompt', 'the history of the', '--max_new_tokens=6',
-                      '--config.data.block_size=32', '--config.data.max_seq_length=32',
-                      '--noprogress'], cwd=root, env=env, capture_output=True, text=True,
-                     timeout=600)
-  assert r.returncode == 0, r.stderr[-3000:]
-  printed = r.stdout.rstrip('\n').splitlines()[-1]
-  # The same continuation in process, with the tokenizer the run wrote to the workdir.
-  from oqt_jax.data.tokenizer import _load_dir
-  tok = _load_dir(str(tmp_path / 'tokenizer'), 'workdir tokenizer')
-  ids = tok('the history of the')['input_ids']
-  out = np.asarray(models.generate(model, variables, np.asarray([ids]), 6,
-                                   eos_token_id=tok.eos_token_id))[0, len(ids):].tolist()
-  if tok.eos_token_id in out:
-    out = out[:out.index(tok.eos_token_id)]
-  assert printed == tok.decode(out, skip_special_tokens=True)
-  assert printed.strip()

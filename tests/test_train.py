@@ -74,27 +74,6 @@ def test_tiny_config_trains_and_exports(tmp_path, env, opt_run, config_file, ext
   assert 'Traceback' not in r.stderr
 
 
-def test_eval_py_on_the_trained_run(env, opt_run):
-  """eval.py on train.py's workdir: FP and W8A8 metrics of the model that was just trained."""
-  workdir, r = opt_run
-  assert r.returncode == 0, r.stderr[-3000:]
-  cmd = testing.train_command(OPT, str(workdir), RUN)
-  cmd[1] = os.path.join(testing.REPO_ROOT, 'eval.py')
-  cmd = [c for c in cmd if not c.startswith('--progress')]
-  e = subprocess.run(cmd + ['--quantize', '--num_batches=2', '--noprogress', '--noplots'],
-                     cwd=testing.REPO_ROOT, env=dict(env), capture_output=True, text=True,
-                     timeout=600)
-  assert e.returncode == 0, e.stderr[-3000:]
-  m = json.loads((workdir / 'eval_metrics.json').read_text())
-  evals = metrics.read_metrics(str(workdir), kind='eval')
-  # The trained model is what eval.py evaluated: same tokens, perplexity of the same order.
-  assert 1 < m['perplexity'] < 2 * evals[STEPS]['eval_perplexity']
-  q = m['quantized']
-  assert q['perplexity'] >= 0.9 * m['perplexity'] and q['perplexity'] < 3 * m['perplexity']
-  for key in ('max_inf_norm', 'avg_kurtosis', 'max_kurtosis', 'per_layer'):
-    assert key in m and key in q
-
-
 def _free_port():
   with socket.socket() as s:
     s.bind(('localhost', 0))
