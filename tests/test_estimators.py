@@ -411,3 +411,18 @@ def test_batch_without_valid_tokens_is_not_seen(kind):
   assert int(s2['n']) == 2
   np.testing.assert_allclose(np.asarray(s2['x_min']), np.asarray(want2['x_min']), rtol=1e-6)
   np.testing.assert_allclose(np.asarray(s2['x_max']), np.asarray(want2['x_max']), rtol=1e-6)
+
+
+def test_mse_grid_signed_grid_on_non_negative_data():
+  """signed=True (quant.symmetric_signed): the search is over [-t, t] on the signed grid even
+  for a non-negative tensor (a ReLU output); by default that tensor gets [0, t] unsigned."""
+  rng = np.random.default_rng(4)
+  v = np.abs(rng.standard_normal(200)).astype(F32)
+  v[3] = 7.0
+  b = 4
+  st = E.update('mse', E.init_state(), v, n_bits=b, symmetric=True, signed=True)
+  lo, hi = float(st['x_min']), float(st['x_max'])
+  assert lo == -hi < 0
+  _check_grid_choice(v, lo, hi, b, True, one_sided=False)
+  st = E.update('mse', E.init_state(), v, n_bits=b, symmetric=True)
+  assert float(st['x_min']) == 0.0
