@@ -3,7 +3,6 @@ JSONL formats, init_from, epochs -> steps, the classification head's predictions
 PyTorch, and one end-to-end train.py + eval.py run (FP and PTQ) with no network."""
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -242,25 +241,6 @@ def _tiny_bert(path, arch='BertForMaskedLM', num_labels=2):
   return model, tok
 
 
-def _rte_folder(path, n_train=64, n_dev=24, seed=0):
-  """A learnable RTE-format task: the hypothesis restates the premise (entailment) or
-  negates it with 'not' (not_entailment)."""
-  rng = np.random.default_rng(seed)
-  subj = ['the cat', 'the dog', 'a bird', 'he', 'she', 'they']
-  verb = ['sat on the mat', 'ran', 'sees the house', 'likes the car', 'is big', 'is small']
-  os.makedirs(path, exist_ok=True)
-  for name, n in (('train.tsv', n_train), ('dev.tsv', n_dev)):
-    lines = ['index\tsentence1\tsentence2\tlabel']
-    for i in range(n):
-      s, v = subj[rng.integers(6)], verb[rng.integers(6)]
-      if i % 2 == 0:
-        lines.append(f'{i}\t{s} {v} and it is good\t{s} {v}\tentailment')
-      else:
-        lines.append(f'{i}\t{s} {v}\t{s} not {verb[rng.integers(6)]}\tnot_entailment')
-    _write(os.path.join(path, name), lines)
-  return str(path)
-
-
 def test_init_from_resolution_and_schedule(tmp_path):
   hf_dir = tmp_path / 'hf_model'
   hf_dir.mkdir()
@@ -373,39 +353,3 @@ def test_periodic_eval_during_qat_measures_the_quantized_model():
 
 
 # --------------------------------------------------------------------------- end to end
-
-
-@pytest.mark.slow
-def test_train_and_eval_end_to_end_offline(tmp_path):
-  """train.py fine-tunes a tiny HF BERT (init_from) on a local RTE-format task; eval.py
-  reports accuracy FP and W8A8 PTQ. No network: the hub is switched off."""
-  _tiny_bert(tmp_path / 'bert')
-  glue_dir = _rte_folder(tmp_path / 'rte')
-  work = str(tmp_path / 'run')
-  env = dict(os.environ, HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1',
-             TRANSFORMERS_OFFLINE='1', PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
-  common = ['--config', os.path.join(ROOT, 'configs/glue/rte.py'), '--workdir', work,
-            f'--config.data.files={glue_dir}', '--config.data.max_seq_length=32',
-            '--config.eval_batch_size=8', '--progress=false']
-  r = subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), *common,
-                      f'--config.init_from={tmp_path / "bert"}', '--config.num_train_epochs=4',
-                      '--config.learning_rate=3e-3'],
-                     env=env, capture_output=True, text=True, cwd=str(tmp_path), timeout=600)
-  assert r.returncode == 0, r.stderr[-3000:]
-  cfg = json.load(open(os.path.join(work, 'config.json')))
-  assert cfg['num_train_steps'] == 4 * 64 // 8 and cfg['model']['head'] == 'cls'
-  evals = [json.loads(l) for l in open(os.path.join(work, 'metrics.jsonl'))
-           if '"kind": "eval"' in l]
-  assert evals and evals[-1]['glue_task'] == 'rte'
-  r = subprocess.run([sys.executable, os.path.join(ROOT, 'eval.py'), *common, '--quantize',
-                      '--plots=false'],
-                     env=env, capture_output=True, text=True, cwd=str(tmp_path), timeout=600)
-  assert r.returncode == 0, r.stderr[-3000:]
-  assert 'validation rte: accuracy' in r.stdout
-  m = json.load(open(os.path.join(work, 'eval_metrics.json')))
-  fp, q = m['glue'], m['quantized']['glue']
-  assert fp['num_examples'] == q['num_examples'] == 24
-  assert fp['accuracy'] == pytest.approx(evals[-1]['glue_accuracy'])
-  assert fp['accuracy'] >= 0.8, fp           # the task is learnable: 'not' decides it
-  assert 0.0 <= q['accuracy'] <= 1.0 and q['metric'] == q['accuracy']
-  assert m['quantized']['quant_config']['ranges_weights'] == 'mse'

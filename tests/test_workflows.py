@@ -134,6 +134,27 @@ def glue_dir(tmp_path_factory):
   return d
 
 
+@pytest.fixture(scope='module')
+def rte_dir(tmp_path_factory):
+  """A learnable RTE-format task: the hypothesis restates the premise (entailment) or
+  negates it with 'not' (not_entailment); 64 train, 24 dev rows."""
+  d = tmp_path_factory.mktemp('rte')
+  rng = np.random.default_rng(0)
+  subj = ['the cat', 'the dog', 'a bird', 'he', 'she', 'they']
+  verb = ['sat on the mat', 'ran', 'sees the house', 'likes the car', 'is big', 'is small']
+  for name, n in (('train.tsv', 64), ('dev.tsv', 24)):
+    lines = ['index\tsentence1\tsentence2\tlabel']
+    for i in range(n):
+      s, v = subj[rng.integers(6)], verb[rng.integers(6)]
+      if i % 2 == 0:
+        lines.append(f'{i}\t{s} {v} and it is good\t{s} {v}\tentailment')
+      else:
+        lines.append(f'{i}\t{s} {v}\t{s} not {verb[rng.integers(6)]}\tnot_entailment')
+    (d / name).write_text('\n'.join(lines) + '\n')
+  return d
+
+
+RTE_CFG = os.path.join(ROOT, 'configs', 'glue', 'rte.py')
 GLUE = ['--config.data.max_seq_length=32', '--config.eval_batch_size=8']
 
 
@@ -308,22 +329,44 @@ def test_qat_workflow(cli, capfd, opt_run, bert_hf, tmp_path, start):
 
 
 @pytest.mark.parametrize('mode', ['fp', 'qat'])
-def test_glue_from_hf_dir(cli, capfd, bert_hf, glue_dir, tmp_path, mode):
-  """train.py --config configs/glue/sst2.py --config.init_from=HF_DIR --config.data.files=DIR
-  [--config.quant.qat=True --config.quant.n_bits=4]; eval.py on the run (FP + PTQ, or the
-  learned quantizers): GLUE accuracy of the FP and the quantized model, finite; eval.py takes
-  data.files from the run's config.json."""
-  w = tmp_path / 'sst2'
-  _train(SST2_CFG, w, **_glue_overrides(bert_hf, glue_dir, **(QAT if mode == 'qat' else {})))
-  code, out, err = cli(capfd, '--config', SST2_CFG, '--workdir', str(w), *GLUE, '--noprogress',
-                       '--quantize', '--config.quant.est_num_batches=1')
+def test_glue_from_hf_dir(cli, capfd, caplog, bert_hf, rte_dir, tmp_path, mode):
+  """train.py --config configs/glue/rte.py --config.init_from=HF_DIR --config.data.files=DIR
+  (4 epochs) [--config.quant.qat=True --config.quant.n_bits=4 ...]; eval.py --quantize on the
+  run (FP + W8A8 PTQ, or the learned quantizers): GLUE accuracy of the FP and the quantized
+  model; eval.py takes data.files from the run's config.json (not given here)."""
+  w = tmp_path / 'rte'
+  over = {'init_from': str(bert_hf), 'data.files': str(rte_dir), 'data.max_seq_length': 32,
+          'eval_batch_size': 8, 'learning_rate': 3e-3, 'model.hidden_size': 32}
+  if mode == 'fp':
+    over.update({'num_train_epochs': 4.0})
+  else:
+    over.update(QAT, num_train_epochs=-1.0, num_train_steps=3)
+  with caplog.at_level('INFO'):
+    _train(RTE_CFG, w, **over)
+  dropped = [r for r in caplog.records if 'checkpoint tensors not used' in r.getMessage()]
+  assert dropped and all(r.levelname == 'INFO' for r in dropped)   # the MLM head: expected
+  cfg = json.loads((w / 'config.json').read_text())
+  assert cfg['model']['head'] == 'cls'
+  evals = [json.loads(l) for l in (w / 'metrics.jsonl').read_text().splitlines()
+           if '"kind": "eval"' in l]
+  assert evals and evals[-1]['glue_task'] == 'rte'
+  code, out, err = cli(capfd, '--config', RTE_CFG, '--workdir', str(w), *GLUE, '--noprogress',
+                       '--noplots', '--quantize')
   assert code == 0, err[-3000:]
+  assert 'validation rte: accuracy' in out
   m = json.loads((w / 'eval_metrics.json').read_text())
-  assert 0 <= m['glue']['accuracy'] <= 100 and 0 <= m['quantized']['glue']['accuracy'] <= 100
   _finite({k: v for k, v in m.items() if k != 'plots'})
+  fp, q = m['glue'], m['quantized']['glue']
+  assert fp['num_examples'] == q['num_examples'] == 24
+  assert fp['accuracy'] == pytest.approx(evals[-1]['glue_accuracy'])
+  assert 0.0 <= q['accuracy'] <= 1.0 and q['metric'] == q['accuracy']
   assert 'perplexity' not in out                       # a classifier: no perplexity
-  assert 'not used' not in err and 'WARNING' not in err  # the dropped MLM head is expected
-  if mode == 'qat':
+  assert 'WARNING' not in err and 'not used' not in err
+  if mode == 'fp':
+    assert cfg['num_train_steps'] == 4 * 64 // 8
+    assert fp['accuracy'] >= 0.8, fp           # the task is learnable: 'not' decides it
+    assert m['quantized']['quant_config']['ranges_weights'] == 'mse'
+  else:
     assert 'using the quantizers learned by QAT' in err
 
 
