@@ -221,6 +221,9 @@ def test_eval_workflow(cli, capfd, opt_run, args, name):
       assert key in q
     assert 'quantized perplexity' in out and 'per-layer inf norm and kurtosis (opt)' in out
     assert '1 batches' not in err
+  from oqt_jax.evaluate.run import NO_CALIBRATION
+  if any(a == f'--config.quant.method={n}' for n in NO_CALIBRATION for a in args):
+    assert 'calibrating' not in err and 'no calibration' in err   # nothing is calibrated
   if name == 'w8a8':
     assert m['quantized']['quant_config']['n_bits'] == 8
     assert 'calibrating on 1 batch (' in err
@@ -316,7 +319,7 @@ def test_qat_workflow(cli, capfd, opt_run, bert_hf, tmp_path, start):
   w = tmp_path / 'qat'
   if start == 'scratch':
     testing.seed_workdir(str(opt_run), str(w))
-    _train(OPT_CFG, w, num_train_steps=3, **QAT)
+    _train(OPT_CFG, w, num_train_steps=2, **QAT)
   elif start == 'workdir':
     shutil.copytree(opt_run, w)
     _train(OPT_CFG, w, num_train_steps=6, **QAT)
