@@ -129,8 +129,10 @@ def load_init(config, workdir: str):
 
 
 def with_params(state, params, shardings):
-  """`state` with these parameters (placed in the state's shardings) and a fresh optimizer
-  state; the trees must match."""
+  """`state` with these parameters (placed in `shardings.params`) and a fresh optimizer state
+  (in `shardings.opt_state`); the trees must match. Only the parameters and the optimizer
+  state are replaced: the rest of `state` (step, RNG, and a QAT run's range state, added after
+  this call) is left as it is, so `shardings` may describe a larger state than `state`."""
   want = jax.tree_util.tree_structure(state.params)
   got = jax.tree_util.tree_structure(params)
   if want != got:
@@ -140,9 +142,14 @@ def with_params(state, params, shardings):
                           f'{sorted(a ^ b)[:3]})')
   params = jax.tree.map(lambda x, s: x.astype(s.dtype), params, state.params)
 
-  def put(st, p):
-    return st.replace(params=p, opt_state=st.tx.init(p))
-  return jax.jit(put, out_shardings=shardings, donate_argnums=(0,))(state, params)
+  tx = state.tx
+
+  def put(old, p):   # `old` (the freshly initialised params) is donated: its buffers are reused
+    del old
+    return p, tx.init(p)
+  new_params, opt_state = jax.jit(put, out_shardings=(shardings.params, shardings.opt_state),
+                                  donate_argnums=(0,))(state.params, params)
+  return state.replace(params=new_params, opt_state=opt_state)
 
 
 def resolve_schedule(config, num_examples: int, examples_per_step: int):
