@@ -365,8 +365,7 @@ def test_glue_folder_fields(tmp_path_factory, task, have):
     _one_line_naming(e, 'data.glue_task', 'data.files')
     return
   info = glue.glue_task_info(task)
-  need = {'mnli': [('dev_matched.tsv', 'validation_matched.jsonl'),
-                   ('dev_mismatched.tsv', 'validation_mismatched.jsonl')]}.get(
-                       info.name, [('dev.tsv', 'validation.jsonl')])
+  need = {'mnli': [('dev_matched.tsv', 'validation_matched.jsonl')]}.get(
+      info.name, [('dev.tsv', 'validation.jsonl')])
   for tsv, jsonl in need:
     assert tsv in have or jsonl in have

@@ -233,15 +233,13 @@ def read_glue_jsonl(path: str, task: str) -> dict[str, list]:
 
 
 def check_local_files(data_config) -> None:
-  """source=glue with a data.files folder: the dev split(s) the task is evaluated on are
-  there (MNLI: matched and mismatched), so a run does not stop at its first evaluation;
-  DataError naming the missing file otherwise. (The train split is read first thing.)"""
+  """source=glue with a data.files folder: the dev split the task is scored on (MNLI: the
+  matched one) is there, so a run does not stop at its first evaluation; DataError naming
+  the missing file otherwise. (The train split is read first thing.)"""
   if data_config.get('source', '') != 'glue' or not str(data_config.get('files', '')).strip():
     return
-  info = glue_task_info(data_config.get('glue_task', ''))
-  splits = ['validation'] + (['validation_mismatched'] if info.name == 'mnli' else [])
-  for split in splits:
-    local_glue_path(data_config, split)
+  glue_task_info(data_config.get('glue_task', ''))
+  local_glue_path(data_config, 'validation')
 
 
 def local_glue_path(data_config, split: str) -> str:
