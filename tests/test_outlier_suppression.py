@@ -474,6 +474,9 @@ def test_twc_fine_stage_trains_every_act_quantizer_and_keeps_the_last_epoch(twc_
     mse_fp_w.append(ref_batch_loss(np.asarray(apply(mv, rq, ids, mask)), f, b['attention_mask']))
     mse_q.append(ref_batch_loss(np.asarray(q_apply(qv, ids, mask)), f,
                                 b['attention_mask']))
+  print(f'TWC output MSE (weights FP): coarse {min(info["coarse_mse"]):.4f}, fine per epoch '
+        f'{", ".join(f"{h:.4f}" for h in hist)}; kept: last {info["fine_mse"]:.4f}, best '
+        f'{info_best["fine_mse"]:.4f}; W{W_BITS}A{A_BITS} model {np.mean(mse_q):.4f}')
   np.testing.assert_allclose(np.mean(mse_fp_w), info['fine_mse'], rtol=1e-3)
   assert np.mean(mse_q) > 1.5 * np.mean(mse_fp_w)
 
