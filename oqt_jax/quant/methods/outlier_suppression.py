@@ -48,8 +48,8 @@ Token-Wise Clipping (`token_wise_clipping`)
      upper = max{u_t : u_t <= U},  lower = min{l_t : l_t >= L}
    and the point's range is the mean of lower / upper over the batches (`twc_ratio_ranges`).
    Never clipped (ratio 1: the batch min / max, averaged): the attention probabilities, and
-   points without a token axis ((B, D): the pooler output), which the original observes
-   without a token mask. The ratio minimising the sum over the calibration batches of each
+   points without a token axis ((B, D): the pooler output; a classifier's pooler input, see
+   below), which the original observes without a token mask. The ratio minimising the sum over the calibration batches of each
    batch's mean squared error between the model's final output (logits; the last hidden
    state for a headless model; valid tokens only where the output is per token) and the
    floating-point one wins (ties: the larger ratio); one ratio for the whole model.
@@ -80,9 +80,13 @@ probability channels leave out the keys of padding tokens (the original keeps th
 probabilities; no effect on the range, which always contains 0), and the output MSE of a
 per-token output (MLM logits, last hidden state) counts valid tokens only (the original's
 squad / summarisation branches do the same; its GLUE loss is on per-sequence logits).
-The pooler's input, token 0 of the last layer's output, is quantized by the original alone
-(own range, never clipped); here the last layer's output LN point z(L-1) is one quantizer over
-every token and is clipped like the others (see points.py, matmul_inputs).
+BERT classifier: the original quantizes the pooler's input, token 0 of the last layer's
+output, with a quantizer of its own (its range from token 0 alone, observed without a mask,
+never clipped; LSQ+ gradient scale from B x D elements) and leaves the rest of that output in
+floating point. Here that output is the point z(L-1) (points.py, matmul_inputs); for a BERT
+with the classification head TWC observes, never clips and scales it exactly so (token 0
+only), and since only token 0 feeds the head, the logits are the original's. Other heads: z(L-1)
+covers every token and is clipped like the other points.
 """
 from __future__ import annotations
 
@@ -294,6 +298,8 @@ class TWCHooks(QuantHooks):
                  'twc_lsq' collection ({'scale', 'zero_point'}) is quantized with LSQ+ from
                  them (the original's LSQPlusFakeQuantize forward).
   """
+  pooler_input: str = ''   # BERT classifier: the last layer's output LN point (z(L-1))
+
   def __post_init__(self):
     if self.mode not in ('twc_stats', 'twc_acts'):
       super().__post_init__()
@@ -312,14 +318,15 @@ class TWCHooks(QuantHooks):
     if self.mode == 'twc_stats':
       spec = self.rules.spec(name)
       if spec.enabled and spec.granularity == 'per_tensor':
-        u, l, valid = token_min_max(x, mask)
+        obs, m = (x[:, 0], None) if name == self.pooler_input else (x, mask)
+        u, l, valid = token_min_max(obs, m)     # pooler input: token 0 alone feeds the head
         module.put_variable(STATS, name, {'u': u, 'l': l, 'valid': valid})
       return x
     if self.mode == 'twc_acts':
       if module.has_variable(LSQ, name):
         p = module.get_variable(LSQ, name)
         _, q_max = int_grid(self.rules.spec(name).n_bits, False)
-        g = lsq.grad_factor(x, q_max)
+        g = lsq.grad_factor(x[:, 0] if name == self.pooler_input else x, q_max)
         return lsq.lsq_affine_quantize(x, p['scale'], p['zero_point'], 0.0, q_max, g)
       return QuantHooks.act(self.with_mode('frozen'), module, name, x, mask)
     return super().act(module, name, x, mask)
@@ -494,7 +501,11 @@ def token_wise_clipping(model, variables, batches: Iterable[Any], qcfg, *,
   lap('calibrate')
   base = strip(qvars)
   rules = qmodel.quant.rules
-  hooks = TWCHooks(rules=rules, mode='twc_acts', int8_backend=qmodel.quant.int8_backend)
+  cfg = model.cfg
+  pooler_input = (f'z{cfg.num_layers - 1}' if cfg.model_type == 'bert'
+                  and cfg.resolved_head == 'cls' and cfg.num_layers else '')
+  hooks = TWCHooks(rules=rules, mode='twc_acts', int8_backend=qmodel.quant.int8_backend,
+                   pooler_input=pooler_input)
   quant_state = qvars[COLLECTION]
   paths = _flat_points(quant_state, rules)
   bsz, seq = (int(d) for d in cal[0]['input_ids'].shape[:2])
