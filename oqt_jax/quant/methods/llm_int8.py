@@ -1,89 +1,166 @@
-"""LLM.int8(): vector-wise int8 matmuls with the outlier hidden dims in floating point.
+"""LLM.int8(): vector-wise int8 matmuls with the outlier hidden dims in floating point, computed
+as bitsandbytes' Linear8bitLt does (MatMul8bitLt forward; the int8 ops of its default backend).
 
-  y = llm_int8_matmul(x, w, threshold=6.0)          # x (..., d_in), w (d_in, d_out)
+  y = llm_int8_matmul(x, w, threshold=6.0, bias=None)   # x (..., d_in), w (d_in, d_out)
 
-With X the (tokens, d_in) flattening of x:
-  1. outlier dims  O = {j : any_t |X[t, j]| >= threshold}   (padding tokens excluded with
-     `mask`); a data-dependent set, so it is a (d_in,) boolean mask, not a gather: the shapes
-     never change and the function jit-compiles once;
-  2. FP part      Y_fp = X[:, O] @ W[O, :]   (computed as (X * 1_O) @ W in float32);
-  3. int8 part    X_r = X with the O columns zeroed;
-                  s_x[t] = 127 / max_j |X_r[t, j]|   (one scale per row of X: per token)
-                  s_w[o] = 127 / max_i |W[i, o]|     (one scale per column of W: per output)
-                  Y_int = round(s_x X_r) @ round(s_w W)  as int8 x int8 -> int32
-                  (`lax.dot_general(..., preferred_element_type=int32)` on int8 operands);
-                  rows of the int8 W at O meet zeros of X_r, so only the non-outlier dims count;
-  4. y = Y_fp + Y_int / (s_x s_w^T).
-threshold = inf: no outlier dims, plain vector-wise absmax int8. A row or column of zeros gets
-scale 1 (its int8 codes are 0).
+Weights (bitsandbytes' Int8Params, `quantize_weight`): W cast to float16; per output channel
+(a row of torch's W^T, a column of our (d_in, d_out) kernel) absmax_o = max_i |W16[i, o]| in
+float32; codes CB = round(W16 * (127 / absmax_o)) as int8 (round half to even; 127 / absmax
+evaluated as torch does, reciprocal then times 127). `llm_int8`
+stores CB in 'params' (int8) and absmax in 'weight_scales' (float32, one per output channel).
 
-Models: `LLMInt8Hooks(threshold)` is a hooks object (see models/layers.py) whose
-`dot_general` runs every Dense layer (every Linear: Q/K/V, attention output, both FFN layers,
-the heads' Dense layers; the tied LM decoder is an embedding product and stays FP) through
-llm_int8_matmul; weights and activations are otherwise untouched. Each Dense sows the fraction
-of its input dims that were outliers ('intermediates'/'llm_int8_outlier_fraction');
-`outlier_fractions(qmodel, qvariables, batches)` averages them per layer over batches.
+Activations (int8_vectorwise_quant with a threshold), X the (tokens, d_in) flattening of x,
+cast to float16 for this step (the threshold too, as torch compares a float16 tensor):
+  1. outlier elements  E = |X16| >= threshold;  outlier columns O = {j : any_t E[t, j]}
+     (a (d_in,) boolean mask, not a gather: shapes never change, one jit compile);
+  2. row scale         absmax_t = max_j |X16[t, j]| over the row with only the ELEMENTS of E
+                       zeroed (the other values in the O columns still count);
+  3. codes             CA = round(X16 * (127 / absmax_t)) with E zeroed; then the O columns
+                       zeroed in every row.
+int8 part (int8_linear_matmul + int8_mm_dequant): C = CA @ CB as int8 x int8 -> int32
+(`lax.dot_general(..., preferred_element_type=int32)`), then
+  Y = C * (absmax_t absmax_o) * (1 / 127^2) + bias                           (float32)
+with 1/127^2 = 6.200012e-05, the constant of bitsandbytes' CUDA kernel (its torch-native
+default/CPU op multiplies by 6.200124e-05, 1.8e-5 relative larger; `dequant_const` selects it).
+Outlier part (int8_mixed_scaled_mm): the O columns of X in x's own precision (not float16)
+times the int8-DEQUANTIZED weight rows, W_dq = (CB * absmax_o) * float32(1/127):
+  y = Y + X[:, O] @ W_dq[O, :].
+threshold = inf: no outlier dims (plain vector-wise int8). A row or column whose absmax is 0
+gets codes 0 and contributes 0 (bitsandbytes: 0 * (0 * inf) codes, scaled by 0).
+
+Models: `llm_int8(model, variables, threshold, keep_head_fp=True)` converts every Dense layer
+(Q/K/V, attention output, both FFN layers, OPT's project_in/out, BERT's pooler and MLM
+transform) and runs it through `LLMInt8Hooks`. As the transformers integration
+(`get_keys_to_not_convert`: the output embeddings and the last module stay floating point),
+the classification head (BERT's 'classifier') stays FP by default; the tied LM decoders (OPT's
+lm_head, BERT's MLM decoder) are products with the embedding table and are never converted.
+`keep_head_fp=False` converts the classifier too. Biases are added in float32 after the int8
+part and the outlier part (bitsandbytes adds the bias inside the int8 dequantization: the same
+sum, in another float32 order). Every token of the batch, padding included, takes part in
+choosing the outlier columns, as in bitsandbytes (`ignore_padding=True`: padding tokens do not
+make a dim an outlier). Each Dense sows the fraction of its input dims that were outliers
+('intermediates'/'llm_int8_outlier_fraction'); `outlier_fractions(qmodel, qvariables, batches)`
+averages them per layer over batches. `weight_int8.param_bytes(qvariables)` is the stored size.
 Registry entry: 'llm_int8' -> `llm_int8_method(model, variables, batches, qcfg)` (threshold
-`qcfg.llm_int8_threshold`, default 6.0).
+`qcfg.llm_int8_threshold`, PRESET: the original's 6.0).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import sys
 from typing import Iterable, Optional
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from oqt_jax.quant import weight_int8
 
 DEFAULT_THRESHOLD = 6.0
+PRESET: dict = dict(llm_int8_threshold=DEFAULT_THRESHOLD)
 SOW_NAME = 'llm_int8_outlier_fraction'
+SCALE_NAME = 'absmax'                   # 'weight_scales'/<Dense path>/absmax: (d_out,) float32
+HEAD_POINTS = ('C',)                    # the classification head's Dense (BERT 'classifier')
+MM_DEQUANT_CONST = float(np.float32(1.0 / (127.0 * 127.0)))    # CUDA kernel: 6.200012e-05
+DEFAULT_OP_DEQUANT_CONST = 6.200124e-05                       # torch-native default/CPU op
+INV_127 = float(np.float32(1.0 / 127.0))                      # int8_vectorwise_dequant
+
+
+def _safe_scale(amax, xp=jnp):
+  """127 / absmax in float32, computed as torch evaluates `127.0 / tensor`: reciprocal(absmax)
+  * 127 (two roundings; a direct division rounds a quarter of the scales differently, which
+  moves codes sitting on a .5); 1 where absmax is 0 (the codes are 0 there)."""
+  recip = xp.float32(1.0) / xp.where(amax > 0, amax, xp.float32(1.0))
+  return xp.where(amax > 0, recip * xp.float32(127.0), xp.float32(1.0)).astype(xp.float32)
+
+
+def quantize_weight(w):
+  """(codes int8 (d_in, d_out), absmax float32 (d_out,)) of a (d_in, d_out) kernel, as
+  bitsandbytes' Int8Params: float16 weights, absmax per output channel, round(W16 127/absmax).
+  A numpy array is quantized in numpy (the same float32 operations), anything else in jax."""
+  xp = np if isinstance(w, np.ndarray) else jnp
+  w16 = xp.asarray(w).astype(xp.float16).astype(xp.float32)
+  amax = xp.max(xp.abs(w16), axis=0)
+  codes = xp.round(w16 * _safe_scale(amax, xp)[None, :]).astype(xp.int8)
+  return codes, amax
+
+
+def dequantize_weight(codes, amax):
+  """(CB * absmax) * float32(1/127), float32 (bitsandbytes' int8_vectorwise_dequant)."""
+  return (codes.astype(jnp.float32) * amax[None, :]) * jnp.float32(INV_127)
+
+
+def quantize_rows(x2, threshold, mask=None):
+  """(codes int8 (N, d_in), absmax float32 (N,), outlier columns bool (d_in,)) of the
+  (N, d_in) X, as bitsandbytes' int8_vectorwise_quant (module docstring, steps 1-3); rows with
+  mask False neither make a column an outlier nor have elements zeroed."""
+  x16 = jnp.asarray(x2).astype(jnp.float16)
+  big = jnp.abs(x16) >= jnp.float16(threshold)
+  if mask is not None:
+    big = big & mask.reshape(-1, 1).astype(bool)
+  cols = jnp.any(big, axis=0)
+  xz = jnp.where(big, 0.0, x16.astype(jnp.float32))
+  amax = jnp.max(jnp.abs(xz), axis=1)
+  codes = jnp.round(xz * _safe_scale(amax)[:, None]).astype(jnp.int8)
+  codes = jnp.where(cols[None, :], jnp.int8(0), codes)
+  return codes, amax, cols
 
 
 def outlier_columns(x2, threshold, mask=None):
-  """(d_in,) bool: the columns of the (tokens, d_in) x2 with any |x| >= threshold
-  (rows with mask False ignored)."""
-  big = jnp.abs(x2) >= threshold
-  if mask is not None:
-    big = big & mask.reshape(-1, 1).astype(bool)
-  return jnp.any(big, axis=0)
+  """(d_in,) bool: the columns of the (tokens, d_in) x2 with any |x| >= threshold (float16
+  comparison; rows with mask False ignored)."""
+  return quantize_rows(x2, threshold, mask)[2]
 
 
-def int8_vectorwise_matmul(x2, w):
-  """round(s_x X) @ round(s_w W) in int8 x int8 -> int32, rescaled: absmax per row of the
-  (tokens, d_in) X and per column of the (d_in, d_out) W."""
-  x_q, s_x = weight_int8.absmax_quantize(x2, axis=1)        # (N, 1)
-  w_q, s_w = weight_int8.absmax_quantize(w, axis=0)         # (1, d_out)
-  y = jax.lax.dot_general(x_q, w_q, (((1,), (0,)), ((), ())),
-                          preferred_element_type=jnp.int32)
-  return y.astype(jnp.float32) / (s_x * s_w)
+def int8_mm_dequant(acc, amax_rows, amax_cols, bias=None, dequant_const=MM_DEQUANT_CONST):
+  """acc (int32) * (absmax_t absmax_o) * const (+ bias), float32."""
+  out = acc.astype(jnp.float32) * (amax_rows[:, None] * amax_cols[None, :]) \
+      * jnp.float32(dequant_const)
+  return out if bias is None else out + jnp.asarray(bias, jnp.float32)
+
+
+def int8_vectorwise_matmul(x2, w, dequant_const=MM_DEQUANT_CONST):
+  """Plain vector-wise int8 x @ w (no outlier columns): int8 x int8 -> int32, dequantized."""
+  cx, ax, _ = quantize_rows(x2, jnp.inf)
+  cw, aw = quantize_weight(w)
+  return int8_mm_dequant(_int8_dot(cx, cw), ax, aw, dequant_const=dequant_const)
+
+
+def _int8_dot(a, b):
+  return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
 
 
 def llm_int8_matmul(x, w, threshold: float = DEFAULT_THRESHOLD, mask=None,
-                    return_outliers: bool = False):
-  """x @ w with LLM.int8()'s decomposition (module docstring).
+                    return_outliers: bool = False, *, bias=None, w_absmax=None,
+                    dequant_const: float = MM_DEQUANT_CONST):
+  """x @ w (+ bias) with LLM.int8()'s decomposition, as bitsandbytes (module docstring).
 
-  x: (..., d_in); w: (d_in, d_out); mask: optional token mask with x.shape[:-1] (padding
-  tokens do not make a dim an outlier). Returns y (..., d_out) in x's dtype, and with
-  return_outliers also the (d_in,) outlier mask.
+  x: (..., d_in); w: (d_in, d_out) floating point (quantized here as Int8Params does), or the
+  int8 codes with `w_absmax` (d_out,); bias: (d_out,) added as bitsandbytes does (inside the
+  int8 dequantization); mask: optional token mask with x.shape[:-1] (None, as bitsandbytes:
+  every row counts for the outlier columns). Returns y (..., d_out) in x's dtype, and with
+  return_outliers also the (d_in,) outlier-column mask.
   """
   d_in = x.shape[-1]
-  x2 = jnp.asarray(x, jnp.float32).reshape(-1, d_in)
-  wf = jnp.asarray(w, jnp.float32)
+  x2 = jnp.asarray(x).reshape(-1, d_in)
+  if jnp.asarray(w).dtype == jnp.int8:
+    if w_absmax is None:
+      raise ValueError('llm_int8_matmul: int8 weights need w_absmax')
+    cw, aw = jnp.asarray(w), jnp.asarray(w_absmax, jnp.float32).reshape(-1)
+  else:
+    cw, aw = quantize_weight(w)
   m = None if mask is None else jnp.asarray(mask).reshape(-1)
-  cols = outlier_columns(x2, threshold, m)
-  x_fp = jnp.where(cols[None, :], x2, 0.0)
-  x_int = jnp.where(cols[None, :], 0.0, x2)
-  y = (jnp.dot(x_fp, wf, precision=jax.lax.Precision.HIGHEST)
-       + int8_vectorwise_matmul(x_int, wf))
-  y = y.reshape(x.shape[:-1] + (w.shape[-1],)).astype(x.dtype)
+  cx, ax, cols = quantize_rows(x2, threshold, m)
+  y = int8_mm_dequant(_int8_dot(cx, cw), ax, aw, bias, dequant_const)
+  x_out = jnp.where(cols[None, :], x2.astype(jnp.float32), 0.0)
+  y = y + jnp.dot(x_out, dequantize_weight(cw, aw), precision=jax.lax.Precision.HIGHEST)
+  y = y.reshape(x.shape[:-1] + (cw.shape[-1],)).astype(x.dtype)
   return (y, cols) if return_outliers else y
 
 
-# ---- the models' hooks --------------------------------------------------------------------------
+# ---- the models ---------------------------------------------------------------------------------
 def _token_mask(x, mask):
   if mask is None:
     return None
@@ -94,8 +171,13 @@ def _token_mask(x, mask):
 
 @dataclasses.dataclass(frozen=True)
 class LLMInt8Hooks:
-  """Runs every Dense layer through llm_int8_matmul; sows the outlier-dim fraction."""
+  """Runs the converted Dense layers (int8 kernels in 'params', absmax in 'weight_scales')
+  through llm_int8_matmul; sows the outlier-dim fraction. A Dense whose kernel is not int8
+  (the head kept FP) runs in floating point."""
   threshold: float = DEFAULT_THRESHOLD
+  keep_head_fp: bool = True
+  ignore_padding: bool = False
+  dequant_const: float = MM_DEQUANT_CONST
 
   def weight(self, module, name, w):
     return w
@@ -104,21 +186,58 @@ class LLMInt8Hooks:
     return x
 
   def dot_general(self, module, name, mask=None):
+    codes = module.get_variable('params', 'kernel')
+    if codes is None or codes.dtype != jnp.int8:
+      return None
+    absmax = module.get_variable(weight_int8.SCALES, SCALE_NAME)
+
     def dot(x, kernel, dims):
       if tuple(map(tuple, dims[0])) != ((x.ndim - 1,), (0,)) or any(dims[1]) or kernel.ndim != 2:
         raise ValueError(f'llm_int8: Dense {name!r}: unsupported dot_general dims {dims}')
-      y, cols = llm_int8_matmul(x, kernel, self.threshold, _token_mask(x, mask),
-                                return_outliers=True)
+      m = _token_mask(x, mask) if self.ignore_padding else None
+      y, cols = llm_int8_matmul(x, codes, self.threshold, m, return_outliers=True,
+                                w_absmax=absmax, dequant_const=self.dequant_const)
       module.sow('intermediates', SOW_NAME, jnp.mean(cols.astype(jnp.float32)))
       return y
     return dot
 
 
-def llm_int8(model, variables, threshold: float = DEFAULT_THRESHOLD):
-  """(qmodel, variables): the model with every Dense layer as an LLM.int8() matmul."""
+def converted_sites(model, variables, keep_head_fp: bool = True) -> list:
+  """The Dense weight sites LLM.int8() converts (all but the classifier with keep_head_fp)."""
+  head_w = {'w' + p for p in HEAD_POINTS}
+  return [s for s in weight_int8.weight_sites(model, variables) if s.kind == 'dense'
+          and not (keep_head_fp and head_w & set(s.points))]
+
+
+def _tree(variables, name):
+  v = variables.get(name, {})
+  return flax.core.unfreeze(v) if isinstance(v, flax.core.FrozenDict) else dict(v)
+
+
+def llm_int8(model, variables, threshold: float = DEFAULT_THRESHOLD, *,
+             keep_head_fp: bool = True, ignore_padding: bool = False,
+             dequant_const: float = MM_DEQUANT_CONST):
+  """(qmodel, qvariables): every Dense layer (the classifier too without keep_head_fp) as an
+  LLM.int8() matmul, its kernel stored as int8 codes in 'params' and its per-output-channel
+  absmax (float32) in 'weight_scales'."""
   if not threshold > 0:
     raise ValueError(f'llm_int8: threshold={threshold}: must be > 0')
-  return model.clone(quant=LLMInt8Hooks(float(threshold))), variables
+  flat = dict(traverse_util.flatten_dict(_tree(variables, 'params')))
+  scales = dict(traverse_util.flatten_dict(_tree(variables, weight_int8.SCALES)))
+  for site in converted_sites(model, variables, keep_head_fp):
+    w = flat[site.path]
+    if np.dtype(w.dtype) == np.int8:
+      raise ValueError(f'llm_int8: {"/".join(site.path)} is already int8')
+    codes, amax = quantize_weight(np.asarray(jax.device_get(w)))
+    flat[site.path] = jnp.asarray(codes)
+    scales[site.path[:-1] + (SCALE_NAME,)] = jnp.asarray(amax)
+  out = {k: v for k, v in dict(variables).items()
+         if k not in ('params', weight_int8.SCALES, 'intermediates')}
+  out['params'] = traverse_util.unflatten_dict(flat)
+  out[weight_int8.SCALES] = traverse_util.unflatten_dict(scales)
+  hooks = LLMInt8Hooks(float(threshold), bool(keep_head_fp), bool(ignore_padding),
+                       float(dequant_const))
+  return model.clone(quant=hooks), out
 
 
 @functools.lru_cache(maxsize=8)
@@ -156,26 +275,23 @@ def outlier_fractions(qmodel, qvariables, batches: Iterable) -> dict[str, float]
 
 
 def format_fractions(fractions: dict[str, float]) -> str:
-  lines = [f'LLM.int8() outlier dims per layer (fraction of input dims):']
+  lines = ['LLM.int8() outlier dims per layer (fraction of input dims):']
   lines += [f'  {k:<48} {v:.4f}' for k, v in fractions.items()]
   if fractions:
     lines.append(f'  {"mean":<48} {float(np.mean(list(fractions.values()))):.4f}')
   return '\n'.join(lines)
 
 
-def llm_int8_method(model, variables, batches=None, qcfg=None):
-  """Registry entry 'llm_int8': threshold from qcfg.llm_int8_threshold; prints the outlier-dim
-  fraction per layer measured on `batches` (when given)."""
-  threshold = DEFAULT_THRESHOLD
-  if qcfg is not None:
-    q = qcfg.quant if 'quant' in qcfg else qcfg
-    threshold = float(q.get('llm_int8_threshold', DEFAULT_THRESHOLD))
-  qmodel, qvars = llm_int8(model, variables, threshold)
-  if batches is not None:
-    fr = outlier_fractions(qmodel, qvars, batches)
-    if fr:
-      print(format_fractions(fr), file=sys.stderr, flush=True)
-  return qmodel, qvars
+def llm_int8_method(model, variables, batches=None, qcfg=None, progress=False):
+  """Registry entry 'llm_int8' (needs no data: batches unused): threshold from
+  qcfg.llm_int8_threshold (PRESET: 6.0); optional qcfg fields llm_int8_keep_head_fp (True)
+  and llm_int8_ignore_padding (False)."""
+  del batches, progress
+  q = {} if qcfg is None else (qcfg.quant if 'quant' in qcfg else qcfg)
+  get = lambda k, d: q.get(k, d) if hasattr(q, 'get') else d
+  return llm_int8(model, variables, float(get('llm_int8_threshold', DEFAULT_THRESHOLD)),
+                  keep_head_fp=bool(get('llm_int8_keep_head_fp', True)),
+                  ignore_padding=bool(get('llm_int8_ignore_padding', False)))
 
 
 METHODS = {'llm_int8': llm_int8_method, 'weight_only': weight_int8.weight_only_method}
