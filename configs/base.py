@@ -97,7 +97,7 @@ def quant_defaults() -> ml_collections.ConfigDict:
   q.int8 = False                   # run Linear layers as int8 matmuls (AQT)
   # AdaRound (eval.py --config.quant.adaround=True): per-layer learned rounding of the weights.
   q.adaround = False
-  q.adaround_iters = 10000         # optimisation steps per layer
+  q.adaround_iters = 1000          # optimisation steps per layer
   q.adaround_samples = 1024        # calibration sequences per layer
   q.adaround_lambda = 0.01         # weight of the rounding regulariser
   q.adaround_beta = (20.0, 2.0)    # regulariser beta, annealed (cosine) start -> end

@@ -146,7 +146,7 @@ QUANT_DEFAULTS = dict(
 EXTRA_DEFAULTS = dict(act_granularity='per_tensor', permute_shared_h=False, mse_search='grid',
                       num_candidates=100, symmetric_signed=False,
                       # AdaRound (quant/methods/adaround.py): the originals' defaults.
-                      adaround=False, adaround_iters=10000, adaround_samples=1024,
+                      adaround=False, adaround_iters=1000, adaround_samples=1024,
                       adaround_lambda=0.01, adaround_beta=(20.0, 2.0), adaround_warmup=0.2,
                       adaround_lr=1e-3,
                       # QAT (quant/methods/qat.py): train.py trains the quantized model.

@@ -1,138 +1,165 @@
-"""AdaRound (Nagel et al., 2020): learned rounding of the weights, layer by layer.
+"""AdaRound (Nagel et al., 2020): learned rounding of the weights, layer by layer, in the
+setting of transformer-quantization (Bondarenko et al., 2021).
 
   qmodel, qvariables = quant.adaround(model, variables, batches, qcfg)
+  qmodel, qvariables = quant.adaround(model, variables, batches, quant.config(**PRESET))
 
-For every Dense layer whose weight is quantized, in forward order:
-  - range: the weight's range from the MSE grid (quant.num_candidates candidates), fixed;
-  - s, z the range's scale and zero point; w_floor = floor(w / s);
-  - rectified sigmoid h(a) = clip(sigmoid(a) * (zeta - gamma) + gamma, 0, 1), zeta 1.1,
-    gamma -0.1; a starts where h(a) equals the fractional part r = w / s - w_floor:
+Layers: every module with a quantized weight ('all'), in forward order: the embedding
+tables (Et, Ets, Ep; the tied LM decoder 'wM' reuses the rounded word table), every
+LayerNorm gamma, every Dense kernel (heads included where they are quantized).
+
+Per layer, with the weight's range fixed (the MSE grid over quant.num_candidates candidates,
+per tensor or per output channel as quant.per_channel), s, z its scale and zero point:
+  - rectified sigmoid h(a) = clamp(sigmoid(a) (zeta - gamma) + gamma, 0, 1), zeta 1.1,
+    gamma -0.1 (the clamp passes the gradient on [0, 1], ends included, as torch.clamp);
+  - a starts where h(a) is the fractional part r = w / s - floor(w / s):
     a = -log((zeta - r) / (r - gamma));
-  - soft weight  w_q = s * (clamp(w_floor + h(a) + z, q_min, q_max) - z);
-  - loss  mean over tokens of sum over output features of (y_fp - (x_q @ w_q + b))^2
-          + lambda * sum(1 - |2 h(a) - 1|^beta),
-    the regulariser off for the first `adaround_warmup` fraction of the iterations, then beta
-    annealed from adaround_beta[0] to adaround_beta[1] with a cosine;
-    x_q: the layer's input in the already-quantized upstream network (earlier layers with
-    their hard rounding, activations quantized unless n_bits_act=32), y_fp: the layer's
-    output (before its activation function) in the floating-point network;
-  - Adam (optax, adaround_lr) on a, `adaround_iters` steps on random minibatches of
-    BATCH_ROWS tokens drawn from the `adaround_samples` sequences (padding excluded), as one
-    compiled lax.fori_loop;
-  - hard rounding w_hard = s * (clamp(w_floor + [a >= 0] + z, q_min, q_max) - z) is written
-    into params; the weight's range stays in the 'quant' collection, so the model's weight
-    quantizer maps w_hard to itself and `qmodel.apply`, eval.py and int8 need nothing new.
-Activation ranges are then re-estimated (the calibration flow's estimators) with the final
-weights.
+  - soft weight  w_q = s (clamp(floor(w / s) + h(a) + z, q_min, q_max) - z);
+  - the layer's output includes its activation function (Dense + GELU of the FFN, + tanh
+    of the pooler): out = act(x w_q + b); an embedding: out = w_q[ids]; a LayerNorm:
+    out = x_hat w_q + beta;
+  - x: the layer's input in the network whose weights are quantized (the layers already
+    done with their hard rounding, the rest round-to-nearest) and whose activations are
+    floating point; target: the layer's output in the floating-point network;
+  - loss at iteration t = 1 .. iters (counted from 1):
+      rec = mean over (sequences, features) of the sum over tokens of (out - target)^2
+            (an (N, T, D) output: sum over axis 1, mean over the rest; an (N, D) output, e.g.
+            the pooler: sum over features, mean over sequences);
+      + lambda_t sum(1 - (2 |h(a) - 0.5|)^beta_t),  lambda_t = 0 while t < warmup * iters,
+      beta_t = beta0 until t = warmup * iters, then
+      beta1 + (beta0 - beta1) (1 + cos(pi (t - warmup iters) / (iters - warmup iters))) / 2;
+  - torch.optim.Adam's update on a (lr, betas (0.9, 0.999), eps 1e-8 added to the
+    bias-corrected sqrt of the second moment, no weight decay), one step per minibatch of
+    BATCH_SIZE whole sequences drawn without replacement (a fresh permutation each step)
+    from the adaround_samples sequences; every token of a sequence counts, padding included
+    (the original pads to max_seq_length); the whole loop is one compiled lax.scan;
+  - the hard rounding  w_hard = s (clamp(floor(w / s) + [a >= 0] + z, q_min, q_max) - z) is
+    written into params; the weight's range stays in the 'quant' collection, so the model's
+    weight quantizer maps w_hard to itself and `qmodel.apply`, eval.py and int8 need
+    nothing new.
+Activation ranges are then re-estimated with the final weights (the original's
+'post_adaround'), where activations are quantized.
 """
 from __future__ import annotations
 
 import dataclasses
-import itertools
-import math
-from typing import Any, Iterable, Optional
+import functools
+import sys
+from typing import Any, Callable, Iterable, Optional
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import traverse_util
 
-import sys
-
 import oqt_jax.quant.calibrate  # noqa: F401  (the module; quant.calibrate is the function)
-from oqt_jax.quant import estimators, quantizers
+from oqt_jax.models.layers import ACTIVATIONS
+from oqt_jax.quant import quantizers
 from oqt_jax.quant.hooks import COLLECTION, weight_reduce_axes
-from oqt_jax.quant.points import split_name, validate_quant_config
+from oqt_jax.quant.points import FP_ACT_BITS, split_name, validate_quant_config
 
 calib = sys.modules['oqt_jax.quant.calibrate']
 
 ZETA, GAMMA = 1.1, -0.1
-BATCH_ROWS = 2048          # tokens per optimisation step
+BATCH_SIZE = 8             # whole sequences per step (the original's training batch size)
+ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
 SOFT_BAND = (0.01, 0.99)   # h(a) in this open band counts as "not yet rounded"
-TAP = 'adaround_input'
+EAGER_BELOW = 2 ** 18      # iterations x (weights + minibatch inputs) below which a layer's
+                           # loop runs op by op instead of being compiled
+
+# The original's AdaRound row (its README: W4A32 PTQ, symmetric per-tensor 4-bit weights,
+# MSE grid range with 100 candidates, quant setup 'all', AdaRound on all layers with 1024
+# samples, FP activations); iterations: the CLI default 1000 (the README recipe runs 10000).
+PRESET: dict = dict(
+    n_bits=4, n_bits_act=FP_ACT_BITS, qmethod='symmetric_uniform', per_channel=False,
+    ranges_weights='mse', mse_search='grid', num_candidates=100, quant_setup='all',
+    quant_dict='', adaround_iters=1000, adaround_samples=1024, adaround_lambda=0.01,
+    adaround_beta=(20.0, 2.0), adaround_warmup=0.2, adaround_lr=1e-3)
 
 
 # ---- the formulas ----------------------------------------------------------------------------
+def torch_clamp(x, lo, hi):
+  """clamp(x, lo, hi) whose gradient is 1 on [lo, hi] (ends included) and 0 outside, as
+  torch.clamp (jnp.clip splits the gradient at the ends)."""
+  return jnp.where((x >= lo) & (x <= hi), x, jnp.clip(x, lo, hi))
+
+
 def rectified_sigmoid(a):
-  """h(a) = clip(sigmoid(a) * (zeta - gamma) + gamma, 0, 1)."""
-  return jnp.clip(jax.nn.sigmoid(a) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+  """h(a) = clamp(sigmoid(a) * (zeta - gamma) + gamma, 0, 1)."""
+  return torch_clamp(jax.nn.sigmoid(a) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
 
 
 def init_alpha(w_over_s):
-  """a with h(a) = the fractional part of w / s."""
+  """a with h(a) = the fractional part r of w / s: -log((zeta - r) / (r - gamma))."""
   r = w_over_s - jnp.floor(w_over_s)
   return -jnp.log((ZETA - r) / (r - GAMMA))
 
 
 def regularizer(h, beta):
-  """sum(1 - |2 h - 1|^beta): 0 when every h is 0 or 1."""
-  return jnp.sum(1.0 - jnp.abs(2.0 * h - 1.0) ** beta)
+  """sum(1 - (2 |h - 0.5|)^beta): 0 when every h is 0 or 1."""
+  return jnp.sum(1.0 - jnp.power(jnp.abs(h - 0.5) * 2.0, beta))
 
 
-def beta_at(i, iters: int, warmup: float, beta=(20.0, 2.0)):
-  """beta of iteration i: beta[0] until the warmup ends, then cosine-annealed to beta[1]."""
+def beta_at(t, iters: int, warmup: float, beta=(20.0, 2.0)) -> float:
+  """beta of iteration t (counted from 1): beta[0] before warmup * iters, then cosine."""
   start, end = float(beta[0]), float(beta[1])
   t0 = warmup * iters
-  rel = jnp.clip((jnp.asarray(i, jnp.float32) - t0) / max(iters - t0, 1.0), 0.0, 1.0)
-  return end + 0.5 * (start - end) * (1.0 + jnp.cos(jnp.pi * rel))
+  if t < t0:
+    return start
+  rel = (t - t0) / (iters - t0)
+  return end + 0.5 * (start - end) * (1.0 + np.cos(rel * np.pi))
+
+
+def schedule(iters: int, warmup: float, beta, lam: float, lr: float,
+             dtype=np.float32) -> dict:
+  """Per-iteration constants (t = 1 .. iters): beta_t, lambda_t, and torch Adam's step size
+  lr / (1 - b1^t) and sqrt(1 - b2^t) (computed in float64, as Python floats, then cast)."""
+  t = np.arange(1, iters + 1, dtype=np.float64)
+  b1, b2 = ADAM_BETAS
+  return dict(
+      beta=np.asarray([beta_at(i, iters, warmup, beta) for i in t], dtype),
+      lam=np.where(t < iters * warmup, 0.0, lam).astype(dtype),
+      step=np.asarray([lr / (1.0 - b1 ** i) for i in t], dtype),
+      bc2=np.asarray([np.sqrt(1.0 - b2 ** i) for i in t], dtype))
 
 
 def soft_weight(w_floor, h, scale, zero_point, q_min, q_max):
-  return scale * (jnp.clip(w_floor + h + zero_point, q_min, q_max) - zero_point)
+  return scale * (torch_clamp(w_floor + h + zero_point, q_min, q_max) - zero_point)
 
 
-# ---- capturing a Dense layer's input -----------------------------------------------------------
-_CALL_ORDER: list = []
+def reconstruction_loss(out, target, valid=None):
+  """(out - target)^2 summed over axis 1 (tokens of (N, T, D); features of (N, D)), then
+  averaged over the remaining axes. valid (N, T): tokens that exist (sequences of different
+  lengths stacked), None: all."""
+  sq = jnp.square(out - target)
+  if valid is not None and sq.ndim == 3:
+    sq = sq * valid[:, :, None]
+  return jnp.mean(jnp.sum(sq, axis=1))
 
 
-@dataclasses.dataclass(frozen=True)
-class _Tap:
-  """Hooks that sow every Dense layer's input (through the dot_general hook), delegating the
-  rest to `inner` (QuantHooks or None = floating point)."""
-  inner: Any = None
-
-  def weight(self, module, name, w):
-    return w if self.inner is None else self.inner.weight(module, name, w)
-
-  def act(self, module, name, x, mask):
-    return x if self.inner is None else self.inner.act(module, name, x, mask)
-
-  def dot_general(self, module, name, mask=None):
-    def dg(lhs, rhs, dims, **kw):
-      _CALL_ORDER.append(tuple(module.scope.path))   # trace order = forward order
-      module.sow('intermediates', TAP, lhs)
-      return jax.lax.dot_general(lhs, rhs, dims)
-    return dg
+def layer_forward(kind: str, w, x, bias=None, activation: Optional[str] = None):
+  """The layer with weight w: 'dense' act(x @ w + b) (w: (in, out)); 'embed' w[x];
+  'ln' x * w + b (x: the normalised input)."""
+  if kind == 'embed':
+    return jnp.take(w, x, axis=0)
+  if kind == 'ln':
+    return x * w + bias
+  y = jnp.einsum('...i,io->...o', x, w)
+  if bias is not None:
+    y = y + bias
+  return y if activation is None else ACTIVATIONS[activation](y)
 
 
-def _capture_fn(model, inner):
-  m = model.clone(quant=_Tap(inner))
-
-  def capture(variables, inputs):
-    _, upd = m.apply(variables, **inputs, mutable=['intermediates'])
-    flat = traverse_util.flatten_dict(flax.core.unfreeze(upd['intermediates']))
-    return {k[:-1]: v[0] for k, v in flat.items() if k[-1] == TAP}
-  return jax.jit(capture)
-
-
-def _forward_order(model, variables, inputs) -> list:
-  """Module paths of the Dense layers in the order the forward pass calls them."""
-  m = model.clone(quant=_Tap(None))
-  _CALL_ORDER.clear()
-  jax.eval_shape(lambda v, i: m.apply(v, **i, mutable=['intermediates']), variables, inputs)
-  order = list(dict.fromkeys(_CALL_ORDER))
-  _CALL_ORDER.clear()
-  return order
-
-
-def _rows(x, mask):
-  """(N, d_in) valid-token rows of a captured input (B, T, d) or (B, d)."""
-  x = np.asarray(x, np.float32)
-  if mask is not None and x.ndim == 3 and x.shape[:2] == mask.shape:
-    return x[mask.astype(bool)]
-  return x.reshape(-1, x.shape[-1])
+def random_sampler(seed: int = 0) -> Callable:
+  """sampler(n, iters, batch, layer) -> (iters, min(batch, n)) sequence indices: a fresh
+  random permutation of the n sequences each iteration, its first `batch` (torch.randperm
+  (n)[:batch] of the original), from numpy's generator seeded with (seed, layer)."""
+  def sample(n, iters, batch, layer):
+    rng = np.random.default_rng([seed, layer])
+    return np.stack([rng.permutation(n)[:batch] for _ in range(iters)]).astype(np.int32)
+  return sample
 
 
 # ---- one layer -----------------------------------------------------------------------------------
@@ -145,52 +172,209 @@ def _tick(_):
     bar.update(_PROGRESS['every'])
 
 
-@jax.jit
-def _layer_mse(w, b, x, y):
-  out = x @ w + b
-  return jnp.mean(jnp.sum(jnp.square(y - out), axis=-1))
+def _optimise_impl(a0, w_floor, scale, zp, q_min, q_max, x, y, valid, bias, idx, sched, *,
+                   kind: str, activation: Optional[str], trace: bool, every: int):
+  b1, b2 = ADAM_BETAS
 
-
-def _optimise_impl(a0, w_floor, scale, zp, q_min, q_max, x, y, b, key, lam, lr, *, iters: int,
-                   warmup: float, beta: tuple, batch_rows: int, every: int):
-  n = x.shape[0]
-  tx = optax.adam(lr)
-  warm_iters = warmup * iters
-
-  def loss_fn(a, xb, yb, i):
+  def loss_fn(a, xb, yb, vb, beta, lam):
     h = rectified_sigmoid(a)
     w = soft_weight(w_floor, h, scale, zp, q_min, q_max)
-    rec = jnp.mean(jnp.sum(jnp.square(yb - (xb @ w + b)), axis=-1))
-    reg = regularizer(h, beta_at(i, iters, warmup, beta))
-    return rec + jnp.where(i >= warm_iters, lam, 0.0) * reg
+    rec = reconstruction_loss(layer_forward(kind, w, xb, bias, activation), yb, vb)
+    return rec + lam * regularizer(h, beta)
 
-  def body(i, carry):
-    a, opt = carry
-    if batch_rows >= n:
-      xb, yb = x, y
-    else:
-      idx = jax.random.randint(jax.random.fold_in(key, i), (batch_rows,), 0, n)
-      xb, yb = x[idx], y[idx]
-    g = jax.grad(loss_fn)(a, xb, yb, i)
-    upd, opt = tx.update(g, opt, a)
-    a = optax.apply_updates(a, upd)
-    jax.lax.cond((i + 1) % every == 0, lambda: jax.debug.callback(_tick, i), lambda: None)
-    return a, opt
+  def body(carry, step):
+    a, m, v, i = carry
+    ids, beta, lam, ss, bc2 = step
+    vb = None if valid is None else valid[ids]
+    loss, g = jax.value_and_grad(loss_fn)(a, x[ids], y[ids], vb, beta, lam)
+    m = m + (g - m) * (1.0 - b1)                     # torch: exp_avg.lerp_(grad, 1 - beta1)
+    v = v * b2 + (g * g) * (1.0 - b2)                # exp_avg_sq.mul_(b2).addcmul_(g, g, 1 - b2)
+    denom = jnp.sqrt(v) / bc2 + ADAM_EPS
+    a = a + (-ss) * (m / denom)                      # param.addcdiv_(exp_avg, denom, -step)
+    if every:
+      jax.lax.cond((i + 1) % every == 0, lambda: jax.debug.callback(_tick, i), lambda: None)
+    return (a, m, v, i + 1), (loss, a) if trace else (loss, None)
 
-  a, _ = jax.lax.fori_loop(0, iters, body, (a0, tx.init(a0)))
-  return a
+  zeros = jnp.zeros_like(a0)
+  steps = (idx, sched['beta'], sched['lam'], sched['step'], sched['bc2'])
+  (a, _, _, _), (losses, hist) = jax.lax.scan(body, (a0, zeros, zeros, jnp.int32(0)), steps)
+  return a, losses, hist
 
 
-_optimise = jax.jit(_optimise_impl, static_argnames=('iters', 'warmup', 'beta', 'batch_rows',
-                                                      'every'))
+_optimise = jax.jit(_optimise_impl, static_argnames=('kind', 'activation', 'trace', 'every'))
+
+
+def optimise_layer(kind: str, w, scale, zero_point, q_min, q_max, x, target, *, indices,
+                   bias=None, activation: Optional[str] = None, valid=None,
+                   iters: Optional[int] = None, lam: float = 0.01, lr: float = 1e-3,
+                   warmup: float = 0.2, beta=(20.0, 2.0), trace: bool = False,
+                   progress_every: int = 0, dtype=jnp.float32):
+  """AdaRound of one layer (module docstring). x: the cached layer inputs, one row per
+  sequence ((N, T, d_in), (N, d_in), ids (N, T), or the normalised LN input); target: the
+  floating-point layer's outputs; indices (iters, batch): the sequences of each step.
+  Returns dict(alpha=a after the last step, w_hard, loss (iters,) and with trace=True
+  alphas (iters, *w.shape): a after each step). dtype: of the whole computation (float64
+  needs jax.enable_x64)."""
+  f = lambda v: None if v is None else jnp.asarray(v, dtype)
+  w, scale, zero_point, q_min, q_max = map(f, (w, scale, zero_point, q_min, q_max))
+  x = jnp.asarray(x) if kind == 'embed' else f(x)
+  indices = jnp.asarray(indices, jnp.int32)
+  iters = int(indices.shape[0]) if iters is None else int(iters)
+  # w / s with one rounding (the divisor made element-dependent, quantizers.true_divide)
+  w_over_s = w / jnp.where(jnp.isnan(w), jnp.ones((), dtype), jnp.broadcast_to(scale, w.shape))
+  w_floor = jnp.floor(w_over_s)
+  a0 = init_alpha(w_over_s)
+  sched = {k: f(v) for k, v in schedule(iters, warmup, beta, lam, lr, dtype=np.dtype(dtype)).items()}
+  args = (a0, w_floor, scale, zero_point, q_min, q_max, x, f(target), f(valid), f(bias),
+          indices[:iters], sched)
+  kw = dict(kind=kind, activation=activation, trace=trace, every=int(progress_every))
+  if iters * (w.size + x[:indices.shape[1]].size) < EAGER_BELOW:   # cheaper than compiling
+    with jax.disable_jit():
+      a, losses, hist = _optimise_impl(*args, **kw)
+  else:
+    a, losses, hist = _optimise(*args, **kw)
+  w_hard = soft_weight(w_floor, (a >= 0).astype(jnp.float32), scale, zero_point, q_min, q_max)
+  out = dict(alpha=a, w_hard=w_hard, loss=losses, a0=a0)
+  if trace:
+    out['alphas'] = hist
+  return out
+
+
+
+# ---- the layers of a model, their inputs and outputs ------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Layer:
+  """A module with a weight: its path, weight point, kind ('dense' | 'embed' | 'ln'), the
+  Dense layer's fused activation and the LayerNorm's eps."""
+  path: tuple
+  point: str
+  kind: str
+  activation: Optional[str] = None
+  eps: float = 0.0
+
+  @property
+  def param(self) -> str:
+    return {'dense': 'kernel', 'embed': 'embedding', 'ln': 'scale'}[self.kind]
+
+
+def _as_layer(ctx, args, kwargs) -> Optional[Layer]:
+  """The Layer of a module call (None: not a weighted module, or an Embed's tied decoder)."""
+  mod = ctx.module
+  if ctx.method_name != '__call__':
+    return None
+  path = tuple(mod.scope.path)
+  kind = type(mod).__name__
+  if kind == 'Dense':
+    return Layer(path, mod.wpoint or 'w' + mod.point, 'dense', mod.activation)
+  if kind == 'Embed':
+    ids = args[0] if args else kwargs.get('ids')
+    if ids is None:   # the tied decoder (attend): its table is the rounded lookup table
+      return None
+    return Layer(path, kwargs.get('wpoint') or mod.wpoint, 'embed')
+  if kind == 'LayerNorm':
+    return Layer(path, 'w' + mod.point, 'ln', eps=float(mod.eps))
+  return None
+
+
+def forward_layers(model, variables, inputs) -> list:
+  """Every weighted module call of the floating-point model, in forward order."""
+  calls = []
+
+  def record(next_fun, args, kwargs, ctx):
+    layer = _as_layer(ctx, args, kwargs)
+    if layer is not None and all(c.path != layer.path for c in calls):
+      calls.append(layer)
+    return next_fun(*args, **kwargs)
+
+  fp = model.clone(quant=None)
+  with nn.intercept_methods(record):
+    jax.eval_shape(lambda v, i: fp.apply(v, **i), variables, inputs)
+  return calls
+
+
+class Capture:
+  """The input and output of any layer in the floating-point model run with given variables
+  (a LayerNorm's input normalised): capture(variables, inputs, layer) -> (x, y). One compiled
+  function per group of layers with the same shapes, which selects the layer's pair with a
+  dynamic index, so a model compiles a handful of functions, not one per layer."""
+
+  def __init__(self, model, layers, variables, inputs):
+    fp = model.clone(quant=None)
+    wanted = set(layers)
+
+    def run(variables, inputs):
+      rec = {}
+
+      def tap(next_fun, args, kwargs, ctx):
+        out = next_fun(*args, **kwargs)
+        layer = _as_layer(ctx, args, kwargs)
+        if layer in wanted and layer not in rec:
+          x = args[0] if args else next(iter(kwargs.values()))
+          if layer.kind == 'ln':
+            xf = x.astype(jnp.float32)
+            mu = jnp.mean(xf, axis=-1, keepdims=True)
+            var = jnp.mean(jnp.square(xf - mu), axis=-1, keepdims=True)
+            x = (xf - mu) * jax.lax.rsqrt(var + layer.eps)
+          elif layer.kind == 'dense':
+            x = x.astype(jnp.float32)
+          rec[layer] = (x, (out[0] if isinstance(out, tuple) else out).astype(jnp.float32))
+        return out
+
+      with nn.intercept_methods(tap):
+        fp.apply(variables, **inputs)
+      return [rec[l] for l in order]
+
+    order = list(layers)
+    shapes = dict(zip(order, jax.eval_shape(run, variables, inputs)))
+    groups: dict = {}
+    for layer in layers:
+      x, y = shapes[layer]
+      groups.setdefault((x.shape, str(x.dtype), y.shape), []).append(layer)
+    self._where = {}
+    for members in groups.values():
+      fn = jax.jit(functools.partial(self._select, run, tuple(order.index(l) for l in members)))
+      for k, layer in enumerate(members):
+        self._where[layer] = (fn, k)
+
+  @staticmethod
+  def _select(run, members, variables, inputs, k):
+    rec = run(variables, inputs)
+    pairs = tuple(rec[i] for i in members)
+    if len(members) == 1:
+      return pairs[0]
+    return jax.lax.switch(k, [functools.partial(lambda j, p: p[j], j) for j in range(len(members))],
+                          pairs)
+
+  def __call__(self, variables, inputs, layer):
+    fn, k = self._where[layer]
+    return fn(variables, inputs, jnp.int32(k))
+
+
+def _stack(rows: list):
+  """Arrays with one row per sequence (N_i, T_i, ...) stacked along axis 0, the token axis
+  padded to the longest; returns (stacked, valid (N, T) float or None when nothing is
+  padded)."""
+  if rows[0].ndim < 2 or len({r.shape[1] for r in rows}) == 1:
+    return np.concatenate(rows), None
+  t = max(r.shape[1] for r in rows)
+  padded, valid = [], []
+  for r in rows:
+    pad = [(0, 0)] * r.ndim
+    pad[1] = (0, t - r.shape[1])
+    padded.append(np.pad(r, pad))
+    v = np.zeros((r.shape[0], t), np.float32)
+    v[:, :r.shape[1]] = 1.0
+    valid.append(v)
+  return np.concatenate(padded), np.concatenate(valid)
 
 
 @dataclasses.dataclass
 class LayerReport:
-  """What AdaRound did to one layer (mse: mean over tokens of the squared output error vs
-  the floating-point layer, on the layer's quantized-upstream inputs)."""
+  """What AdaRound did to one layer (mse: the reconstruction loss over all samples, the
+  optimisation's reduction, vs the floating-point layer on the same inputs)."""
   path: str
   point: str
+  kind: str
   mse_nearest: float      # round-to-nearest with the same range
   mse_adaround: float     # the hard AdaRound weights
   soft_fraction: float    # fraction of h(a) in (0.01, 0.99) at the end
@@ -198,21 +382,15 @@ class LayerReport:
   h: Optional[np.ndarray] = dataclasses.field(default=None, repr=False)
 
 
+def _rec(layer: Layer, w, bias, x, y, valid) -> float:
+  return float(reconstruction_loss(layer_forward(layer.kind, w, x, bias, layer.activation), y,
+                                   None if valid is None else jnp.asarray(valid)))
+
+
 # ---- the method ------------------------------------------------------------------------------
 def _field(q, name):
   from oqt_jax.quant.points import EXTRA_DEFAULTS
   return q[name] if name in q else EXTRA_DEFAULTS[name]
-
-
-def _weight_key(qstate_at_path) -> Optional[str]:
-  for k in qstate_at_path:
-    if isinstance(k, str) and k.startswith('w'):
-      try:
-        if split_name(k)[0] == 'weight':
-          return k
-      except ValueError:
-        continue
-  return None
 
 
 def _reset_act_ranges(quant_state) -> dict:
@@ -231,17 +409,37 @@ def _reset_act_ranges(quant_state) -> dict:
   return traverse_util.unflatten_dict(out)
 
 
-def adaround(model, variables, batches: Iterable[Any], qcfg, *, progress: bool = True,
-             seed: int = 0, int8_backend: str = 'aqt', with_report: bool = False):
-  """AdaRound of every quantized Dense layer of `model` (module docstring).
+def _rows(b) -> int:
+  return int(np.shape(b['input_ids'] if isinstance(b, dict) else b)[0])
+
+
+def _take_rows(b, n: int):
+  if isinstance(b, dict):
+    return {k: (v[:n] if v is not None and np.ndim(v) >= 1 else v) for k, v in b.items()}
+  return b[:n]
+
+
+def _get(tree, path):
+  for p in path:
+    tree = tree[p]
+  return tree
+
+
+def adaround(model, variables, batches: Iterable[Any], qcfg, progress: bool = False, *,
+             seed: int = 0, sampler: Optional[Callable] = None, batch_size: int = BATCH_SIZE,
+             int8_backend: str = 'aqt', with_report: bool = False):
+  """AdaRound of every module with a quantized weight of `model` (module docstring).
 
   Args:
     model, variables: the floating-point model and its variables ({'params': ...}).
-    batches: calibration batches (dicts with input_ids / attention_mask / token_type_ids, or
-      input_ids arrays); the first est_num_batches calibrate the ranges, the first batches
-      holding adaround_samples sequences feed the optimisation (whole batches).
-    qcfg: config.quant (or a full config) with the adaround_* fields; the weights' range
-      estimator is replaced by the MSE grid.
+    batches: dicts with input_ids / attention_mask (/ token_type_ids), or input_ids arrays;
+      the first est_num_batches calibrate the ranges, the first adaround_samples sequences
+      feed the optimisation.
+    qcfg: config.quant (or a full config) with the adaround_* fields (PRESET: the
+      original's setting); the weights' range estimator is the MSE grid.
+    seed / sampler: the minibatches: sampler(n, iters, batch_size, layer index) -> (iters,
+      batch) sequence indices; default random_sampler(seed).
+    batch_size: sequences per step.
     with_report: also return a list of LayerReport.
   Returns:
     (qmodel, qvariables), or (qmodel, qvariables, reports) with `with_report`.
@@ -260,110 +458,114 @@ def adaround(model, variables, batches: Iterable[Any], qcfg, *, progress: bool =
   warmup = float(_field(cfg, 'adaround_warmup'))
   lr = float(_field(cfg, 'adaround_lr'))
   n_cal = int(cfg.get('est_num_batches', 16))
+  sampler = sampler or random_sampler(seed)
 
-  # Enough batches for both calibration and the samples.
-  it = iter(batches)
-  data, seqs = [], 0
-  for b in it:
-    data.append(b)
-    rows = int(np.shape(b['input_ids'] if isinstance(b, dict) else b)[0])
-    seqs += rows
+  data, sample_batches, seqs = [], [], 0
+  for b in batches:
+    if len(data) < n_cal:
+      data.append(b)
+    if seqs < samples:
+      take = min(_rows(b), samples - seqs)
+      sample_batches.append(b if take == _rows(b) else _take_rows(b, take))
+      seqs += take
     if len(data) >= n_cal and seqs >= samples:
       break
   if not data:
     raise ValueError('adaround: no calibration batches')
-  sample_batches, n = [], 0
-  for b in data:
-    if n >= samples:
-      break
-    sample_batches.append(b)
-    n += int(np.shape(b['input_ids'] if isinstance(b, dict) else b)[0])
 
-  qmodel, qvars = calib.calibrate(model, variables, data[:n_cal], cfg, progress=progress,
+  qmodel, qvars = calib.calibrate(model, variables, data, cfg, progress=progress,
                                   int8_backend=int8_backend)
   hooks = qmodel.quant
+  rules = hooks.rules
   base = calib.strip(variables)
   params = flax.core.unfreeze(base['params'])
   quant_state = flax.core.unfreeze(qvars[COLLECTION])
   inputs = [calib.model_inputs(model, b) for b in sample_batches]
-  masks = [None if 'attention_mask' not in i else np.asarray(i['attention_mask'])
-           for i in inputs]
 
-  cap_fp = _capture_fn(model.clone(quant=None), None)
-  cap_q = _capture_fn(model.clone(quant=None), hooks.with_mode(hooks.eval_mode))
-  order = _forward_order(model, base, inputs[0])
-  flat_q = traverse_util.flatten_dict(quant_state, keep_empty_nodes=True)
-  layers = []
-  for path in order:
-    prefix = {k[len(path)] for k in flat_q if k[:len(path)] == path and len(k) > len(path)}
-    wname = _weight_key(sorted(prefix))
-    if wname is None or not hooks.rules.spec(wname).enabled:
-      continue
-    layers.append((path, wname))
+  def weight_state(layer):
+    try:
+      return _get(quant_state, layer.path)[layer.point]
+    except (KeyError, TypeError):
+      return None
 
-  key = jax.random.PRNGKey(seed)
+  layers = [l for l in forward_layers(model, base, inputs[0])
+            if rules.spec(l.point).enabled and weight_state(l) is not None]
+
+  def grid(layer, w):
+    spec = rules.spec(layer.point)
+    state = weight_state(layer)
+    axes = weight_reduce_axes(layer.point, w, rules.per_channel)
+    x_min = quantizers.expand_range(state['x_min'], w.ndim, axes)
+    x_max = quantizers.expand_range(state['x_max'], w.ndim, axes)
+    s, z, q_min, q_max = quantizers.scale_zero_point(x_min, x_max, spec.n_bits, spec.symmetric,
+                                                     x_neg=spec.x_neg)
+    near = quantizers.quantize_dequantize(w, spec.n_bits, spec.symmetric, x_min, x_max,
+                                          x_neg=spec.x_neg)
+    return s, z, q_min, q_max, near
+
+  # The network with quantized weights (round-to-nearest until a layer is done).
+  params_q = jax.tree.map(lambda v: v, params)
+  for l in layers:
+    node = _get(params_q, l.path)
+    node[l.param] = grid(l, jnp.asarray(node[l.param], jnp.float32))[-1]
+
+  capture = Capture(model, layers, base, inputs[0])
   reports = []
   bar_cls = None
   if progress:
     from tqdm.auto import tqdm as bar_cls
-  for li, (path, wname) in enumerate(layers):
-    spec = hooks.rules.spec(wname)
-    node = params
-    for p in path:
-      node = node[p]
-    w = jnp.asarray(node['kernel'], jnp.float32)
-    b = jnp.asarray(node['bias'], jnp.float32) if 'bias' in node else jnp.zeros(w.shape[-1])
-    qnode = quant_state
-    for p in path:
-      qnode = qnode[p]
-    state = qnode[wname]
-    axes = weight_reduce_axes(wname, w, hooks.rules.per_channel)
-    x_min = quantizers.expand_range(state['x_min'], w.ndim, axes)
-    x_max = quantizers.expand_range(state['x_max'], w.ndim, axes)
-    s, z, q_min, q_max = quantizers.scale_zero_point(x_min, x_max, spec.n_bits, spec.symmetric)
+  for li, layer in enumerate(layers):
+    node = _get(params, layer.path)
+    w = jnp.asarray(node[layer.param], jnp.float32)
+    bias = None
+    if 'bias' in node and layer.kind != 'embed':
+      bias = jnp.asarray(node['bias'], jnp.float32)
+    s, z, q_min, q_max, w_near = grid(layer, w)
 
-    cur = dict(base, params=params, **{COLLECTION: quant_state})
-    xq = np.concatenate([_rows(cap_q(cur, i)[path], m) for i, m in zip(inputs, masks)])
-    xf = np.concatenate([_rows(cap_fp(base, i)[path], m) for i, m in zip(inputs, masks)])
-    xq, xf = jnp.asarray(xq), jnp.asarray(xf)
-    y = xf @ w + b                      # the floating-point layer's output
+    xs, ys = [], []
+    for inp in inputs:
+      xs.append(np.asarray(capture(dict(base, params=params_q), inp, layer)[0]))
+      ys.append(np.asarray(capture(dict(base, params=params), inp, layer)[1]))
+    x, valid = _stack(xs)
+    y, _ = _stack(ys)
+    x, y = jnp.asarray(x), jnp.asarray(y)
+    idx = np.asarray(sampler(x.shape[0], iters, batch_size, li), np.int32)
 
-    w_over_s = quantizers.true_divide(w, s)
-    w_floor = jnp.floor(w_over_s)
-    a0 = init_alpha(w_over_s)
     every = max(iters // 100, 1)
     bar = None
     if bar_cls is not None:
-      bar = bar_cls(total=iters - iters % every, desc=f'AdaRound {li + 1}/{len(layers)} {wname}',
-                    leave=False)
+      bar = bar_cls(total=iters - iters % every, leave=False,
+                    desc=f'AdaRound {li + 1}/{len(layers)} {layer.point}')
     _PROGRESS.update(bar=bar, every=every)
     try:
-      a = _optimise(a0, w_floor, s, z, q_min, q_max, xq, y, b, jax.random.fold_in(key, li),
-                    jnp.float32(lam), jnp.float32(lr), iters=iters, warmup=warmup, beta=beta,
-                    batch_rows=BATCH_ROWS, every=every)
-      a = jax.block_until_ready(a)
+      res = optimise_layer(layer.kind, w, s, z, q_min, q_max, x, y, indices=idx, bias=bias,
+                           activation=layer.activation, valid=valid, iters=iters, lam=lam,
+                           lr=lr, warmup=warmup, beta=beta,
+                           progress_every=every if bar is not None else 0)
+      jax.block_until_ready(res['alpha'])
       jax.effects_barrier()
     finally:
       if bar is not None:
         bar.close()
       _PROGRESS.update(bar=None)
-    w_hard = soft_weight(w_floor, (a >= 0).astype(jnp.float32), s, z, q_min, q_max)
-    w_near = quantizers.quantize_dequantize(w, spec.n_bits, spec.symmetric, x_min, x_max)
-    h = rectified_sigmoid(a)
-    soft = float(jnp.mean((h > SOFT_BAND[0]) & (h < SOFT_BAND[1])))
+    w_hard = res['w_hard']
+    h = rectified_sigmoid(res['alpha'])
     reports.append(LayerReport(
-        path='/'.join(path), point=wname, mse_nearest=float(_layer_mse(w_near, b, xq, y)),
-        mse_adaround=float(_layer_mse(w_hard, b, xq, y)), soft_fraction=soft,
+        path='/'.join(layer.path), point=layer.point, kind=layer.kind,
+        mse_nearest=_rec(layer, w_near, bias, x, y, valid),
+        mse_adaround=_rec(layer, w_hard, bias, x, y, valid),
+        soft_fraction=float(jnp.mean((h > SOFT_BAND[0]) & (h < SOFT_BAND[1]))),
         flipped_fraction=float(jnp.mean(w_hard != w_near)), h=np.asarray(h)))
-    node['kernel'] = w_hard.astype(node['kernel'].dtype)
+    node[layer.param] = w_hard.astype(node[layer.param].dtype)
+    _get(params_q, layer.path)[layer.param] = node[layer.param]
 
   # Activation ranges again, with the final weights (weight ranges kept).
   if hooks.eval_mode == 'frozen' and any(
-      s.enabled for s in (hooks.rules.spec(n) for n in hooks.rules.act_points())):
+      sp.enabled for sp in (rules.spec(n) for n in rules.act_points())):
     quant_state = _reset_act_ranges(quant_state)
     step = calib._step_fn(model.clone(quant=None), hooks, 'calibrating')
     new_base = dict(base, params=params)
-    for bt in data[:n_cal]:
+    for bt in data:
       quant_state = step(new_base, quant_state, calib.model_inputs(model, bt))
   qvariables = dict(base, params=params, **{COLLECTION: quant_state})
   for k, v in dict(variables).items():
@@ -375,10 +577,10 @@ def adaround(model, variables, batches: Iterable[Any], qcfg, *, progress: bool =
 
 
 def summary(reports) -> str:
-  """One line per layer: output MSE round-to-nearest -> AdaRound, rounding flips."""
+  """One line per layer: reconstruction loss round-to-nearest -> AdaRound, rounding flips."""
   lines = []
   for r in reports:
-    lines.append(f'  {r.point:>6}  MSE nearest {r.mse_nearest:.3e} -> AdaRound '
+    lines.append(f'  {r.point:>6}  loss nearest {r.mse_nearest:.3e} -> AdaRound '
                  f'{r.mse_adaround:.3e}  ({100 * r.flipped_fraction:.1f}% rounded the other way,'
                  f' {100 * r.soft_fraction:.2f}% still soft)')
   return '\n'.join(lines)
