@@ -182,6 +182,19 @@ def test_whole_model_vs_transformers_bitsandbytes(hf_models):
   # Bit for bit but for float32 summation order. (With the default 1/127^2 of the CUDA kernel,
   # 1.8e-5 below the CPU op's constant, a few codes of later layers round the other way: ~2e-3.)
   assert rel_err(y[valid], ref) < 1e-5 and rel_err(fp, ref) > 1e-3
+  # keep_head_fp=False: the tied LM head converted too (transformers: llm_int8_skip_modules=[]).
+  tmodel = _to_bnb(cls.from_pretrained(path, attn_implementation='eager'), [])
+  assert isinstance(tmodel.lm_head, bnb.nn.Linear8bitLt)
+  assert type(tmodel.model.decoder.embed_tokens) is torch.nn.Embedding
+  with torch.no_grad():
+    ref = tmodel(**inputs).logits.numpy()[valid]
+  qmodel, qv2 = li.llm_int8(model, variables, THRESHOLD, keep_head_fp=False,
+                            dequant_const=li.DEFAULT_OP_DEQUANT_CONST)
+  head = qv2[weight_int8.SCALES]['embed_tokens']
+  assert head[li.HEAD_CODES].dtype == jnp.int8 and head[li.HEAD_CODES].shape == (32, 96)
+  assert weight_int8.param_bytes(qv2) == weight_int8.param_bytes(qvars) + 96 * 32 + 96 * 4
+  y = np.asarray(jax.jit(lambda v: qmodel.apply(v, ids, attention_mask=mask).logits)(qv2))
+  assert rel_err(y[valid], ref) < 1e-5
 
 
 def test_converted_modules_as_transformers(hf_models):

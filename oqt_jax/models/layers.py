@@ -8,6 +8,7 @@ Every module takes `quant`: None (floating point) or an object with three method
   quant.act(module, name, x, mask)       -> x, possibly fake-quantized
   quant.dot_general(module, name, mask=None)
                                          -> a lax.dot_general replacement (int8 matmuls) or None
+  (optional) quant.attend_dot(module, wpoint) -> f(x) giving a tied decoder's logits, or None
 
 `module` is the calling Flax module (the hook may create variables in its scope, e.g. in
 the `quant` collection), `name` is the quantization point's name (original point names:
@@ -252,6 +253,12 @@ class Embed(nn.Module):
         (self.num_embeddings, self.features), jnp.float32)
     table = qweight(self.quant, self, wpoint or self.wpoint, embedding).astype(self.dtype)
     if attend_to is not None:   # logits feed a softmax (and a quantizer): float32 accumulation
+      # Optional hook: `quant.attend_dot(module, wpoint)` -> f(x) computing the tied head's
+      # logits (LLM.int8() of the head), or None (absent: None).
+      head = getattr(self.quant, 'attend_dot', None) if self.quant is not None else None
+      head = head(self, wpoint or self.wpoint) if head is not None else None
+      if head is not None:
+        return head(attend_to).astype(jnp.float32)
       return jnp.einsum('...d,vd->...v', attend_to.astype(self.dtype), table,
                         preferred_element_type=jnp.float32)
     # Gather from a table whole along `embed` (FSDP all-gathers it, as for any weight): a

@@ -32,9 +32,12 @@ Models: `llm_int8(model, variables, threshold, keep_head_fp=True)` converts ever
 (Q/K/V, attention output, both FFN layers, OPT's project_in/out, BERT's pooler and MLM
 transform) and runs it through `LLMInt8Hooks`. As the transformers integration
 (`get_keys_to_not_convert`: the output embeddings and the last module stay floating point),
-the classification head (BERT's 'classifier') stays FP by default; the tied LM decoders (OPT's
-lm_head, BERT's MLM decoder) are products with the embedding table and are never converted.
-`keep_head_fp=False` converts the classifier too. Biases are added in float32 after the int8
+the classification head (BERT's 'classifier') and the tied LM decoder (OPT's lm_head, BERT's
+MLM decoder: a product with the word-embedding table) stay FP by default. `keep_head_fp=False`
+converts them too, as transformers does with llm_int8_skip_modules=[]: the classifier's kernel
+becomes int8, and the tied decoder gets an int8 copy of the table's transpose ('weight_scales'
+/<table path>/head_codes (d, vocab) and head_absmax (vocab,)) while the lookups keep the FP
+table (models/layers.py: the optional `attend_dot` hook). Biases are added in float32 after the int8
 part and the outlier part (bitsandbytes adds the bias inside the int8 dequantization: the same
 sum, in another float32 order). Every token of the batch, padding included, takes part in
 choosing the outlier columns, as in bitsandbytes (`ignore_padding=True`: padding tokens do not
@@ -63,6 +66,8 @@ PRESET: dict = dict(llm_int8_threshold=DEFAULT_THRESHOLD)
 SOW_NAME = 'llm_int8_outlier_fraction'
 SCALE_NAME = 'absmax'                   # 'weight_scales'/<Dense path>/absmax: (d_out,) float32
 HEAD_POINTS = ('C',)                    # the classification head's Dense (BERT 'classifier')
+TIED_HEAD_POINT = 'wM'                  # the tied LM decoder's weight point (OPT, BERT MLM)
+HEAD_CODES, HEAD_ABSMAX = 'head_codes', 'head_absmax'   # its int8 copy (keep_head_fp=False)
 MM_DEQUANT_CONST = float(np.float32(1.0 / (127.0 * 127.0)))    # CUDA kernel: 6.200012e-05
 DEFAULT_OP_DEQUANT_CONST = 6.200124e-05                       # torch-native default/CPU op
 INV_127 = float(np.float32(1.0 / 127.0))                      # int8_vectorwise_dequant
@@ -202,6 +207,21 @@ class LLMInt8Hooks:
     return dot
 
 
+  def attend_dot(self, module, wpoint):
+    """The tied LM decoder (weight point 'wM') from its int8 copy, when converted."""
+    if wpoint != TIED_HEAD_POINT or not module.has_variable(weight_int8.SCALES, HEAD_CODES):
+      return None
+    codes = module.get_variable(weight_int8.SCALES, HEAD_CODES)
+    absmax = module.get_variable(weight_int8.SCALES, HEAD_ABSMAX)
+
+    def head(x):
+      y, cols = llm_int8_matmul(x, codes, self.threshold, return_outliers=True,
+                                w_absmax=absmax, dequant_const=self.dequant_const)
+      module.sow('intermediates', SOW_NAME, jnp.mean(cols.astype(jnp.float32)))
+      return y
+    return head
+
+
 def converted_sites(model, variables, keep_head_fp: bool = True) -> list:
   """The Dense weight sites LLM.int8() converts (all but the classifier with keep_head_fp)."""
   head_w = {'w' + p for p in HEAD_POINTS}
@@ -217,13 +237,19 @@ def _tree(variables, name):
 def llm_int8(model, variables, threshold: float = DEFAULT_THRESHOLD, *,
              keep_head_fp: bool = True, ignore_padding: bool = False,
              dequant_const: float = MM_DEQUANT_CONST):
-  """(qmodel, qvariables): every Dense layer (the classifier too without keep_head_fp) as an
-  LLM.int8() matmul, its kernel stored as int8 codes in 'params' and its per-output-channel
-  absmax (float32) in 'weight_scales'."""
+  """(qmodel, qvariables): every Dense layer as an LLM.int8() matmul, its kernel stored as int8
+  codes in 'params' and its per-output-channel absmax (float32) in 'weight_scales'; without
+  keep_head_fp the classifier and the tied LM decoder (an int8 copy of the table) too."""
   if not threshold > 0:
     raise ValueError(f'llm_int8: threshold={threshold}: must be > 0')
   flat = dict(traverse_util.flatten_dict(_tree(variables, 'params')))
   scales = dict(traverse_util.flatten_dict(_tree(variables, weight_int8.SCALES)))
+  if not keep_head_fp:      # the tied decoder: an int8 copy (d, vocab) of the table's transpose
+    for site in weight_int8.weight_sites(model, variables):
+      if site.kind == 'embed' and TIED_HEAD_POINT in site.points:
+        codes, amax = quantize_weight(np.asarray(jax.device_get(flat[site.path])).T)
+        scales[site.path[:-1] + (HEAD_CODES,)] = jnp.asarray(codes)
+        scales[site.path[:-1] + (HEAD_ABSMAX,)] = jnp.asarray(amax)
   for site in converted_sites(model, variables, keep_head_fp):
     w = flat[site.path]
     if np.dtype(w.dtype) == np.int8:
