@@ -49,10 +49,11 @@ Token-Wise Clipping (`token_wise_clipping`)
    and the point's range is the mean of lower / upper over the batches (`twc_ratio_ranges`).
    Never clipped (ratio 1: the batch min / max, averaged): the attention probabilities, and
    points without a token axis ((B, D): the pooler output; a classifier's pooler input, see
-   below), which the original observes without a token mask. The ratio minimising the sum over the calibration batches of each
-   batch's mean squared error between the model's final output (logits; the last hidden
-   state for a headless model; valid tokens only where the output is per token) and the
-   floating-point one wins (ties: the larger ratio); one ratio for the whole model.
+   below), which the original observes without a token mask. The ratio minimising the sum
+   over the calibration batches of each batch's mean squared error between the model's final
+   output (logits; the last hidden state for a headless model; valid tokens only where the
+   output is per token) and the floating-point one wins (ties: the larger ratio); one ratio
+   for the whole model.
 3. Fine stage (quant.twc_fine), weight fake-quant still OFF: every clipped or unclipped
    asymmetric per-tensor activation quantizer, the probabilities included, becomes LSQ+
    (learned scale s and float zero-point z, initialised from the coarse range as the
