@@ -105,7 +105,7 @@ def quant_defaults() -> ml_collections.ConfigDict:
   q.adaround_lr = 1e-3             # Adam learning rate of the rounding variables
   # QAT (train.py --config.quant.qat=True): train the quantized model (ranges from calibration).
   q.qat = False
-  q.learn_ranges = 'none'          # 'none' (frozen) | 'minmax' | 'lsq' | 'lsq+'
+  q.learn_ranges = 'none'          # 'none' (re-estimated every step) | 'fixed' | 'minmax' | 'lsq' | 'lsq+'
   # Quantization methods (oqt_jax/quant/methods; eval.py --quantize runs quant.method).
   q.method = ''                    # '' = plain calibration | 'outlier_suppression' | 'smoothquant' | ...
   q.twc_fine = True                # Token-Wise Clipping: LSQ+ fine stage after the ratio search

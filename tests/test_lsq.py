@@ -127,3 +127,36 @@ def test_init_from_range_reproduces_the_calibrated_quantizer():
   ref = quantizers.quantize_dequantize(x, 4, True, x_min, x_max)
   np.testing.assert_allclose(np.asarray(lsq.lsq_quantize(x, s, 4)), np.asarray(ref),
                              rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('acts', ['asymmetric_uniform', 'symmetric_uniform'])
+def test_lsq_plus_learns_no_zero_point_for_symmetric_quantizers(acts):
+  """qat.to_learned('lsq+'): a symmetric quantizer (the weights; the activations with
+  qmethod_acts='symmetric_uniform') gets a scale and no zero-point, and it quantizes as the
+  calibrated symmetric quantizer; an asymmetric one gets both."""
+  from oqt_jax import models, quant
+  from oqt_jax.quant import quantizers
+  from oqt_jax.quant.hooks import QuantHooks
+  from oqt_jax.quant.methods import qat
+  qcfg = quant.config(n_bits=4, qmethod_acts=acts, qat=True, learn_ranges='lsq+')
+  rules = quant.rules(qcfg, models.from_config(dict(model_type='bert', num_layers=1)))
+  rng = np.random.default_rng(0)
+  state = {'layer': {n: {'x_min': jnp.float32(-rng.uniform(0.5, 2)),
+                         'x_max': jnp.float32(rng.uniform(0.5, 2)), 'n': jnp.int32(1)}
+                     for n in ('wq0', 'h0')}}
+  learned = qat.to_learned(state, rules, 'lsq+')
+  sym_h = acts == 'symmetric_uniform'
+  assert 'zero_point' not in learned['layer']['wq0']
+  assert ('zero_point' in learned['layer']['h0']) != sym_h
+  assert set(qat.split(learned, 'lsq+')['layer']['h0']) == (
+      {'scale'} if sym_h else {'scale', 'zero_point'})
+  x = jnp.asarray(rng.normal(0, 1.5, (8, 16)), jnp.float32)
+  hooks = QuantHooks.build(qcfg, models.from_config(dict(model_type='bert', num_layers=1)),
+                           mode='learned', learn_ranges='lsq+')
+  for n in ('wq0', 'h0'):
+    st = state['layer'][n]
+    spec = rules.spec(n)
+    ref = quantizers.quantize_dequantize(x, spec.n_bits, spec.symmetric, st['x_min'],
+                                         st['x_max'])
+    got = hooks._lsq(learned['layer'][n], x, (0, 1))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-6, atol=1e-6)

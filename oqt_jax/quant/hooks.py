@@ -24,13 +24,18 @@ Modes:
   'dynamic'      activation ranges from the current batch alone (the estimator on a fresh
                  state), weights and permutations from the store;
   'fp'           hooks are identities (a floating-point run of a quantized model);
-  'learned'      QAT: as 'frozen', for a 'quant' collection that the train step differentiates
-                 (quant/methods/qat.py). A state {'x_min', 'x_max'} is the uniform quantizer
-                 (gradients reach the range through the STE: learn_ranges='minmax'); a state
-                 {'scale', 'zero_point', 'q_min', 'q_max'} is the LSQ quantizer with the
-                 gradient scale 1/sqrt(numel_per_scale * q_max) ('lsq': the zero-point is
-                 constant; 'lsq+': learned too, rounded with the STE). 'frozen' reads either
-                 form (an exported QAT model), without gradients to the ranges' meaning.
+  'learned'      QAT (quant/methods/qat.py), by learn_ranges: 'none' re-estimates every range
+                 from the current tensors (activations as 'calibrating'; weights: the weight
+                 estimator on the current weights, from the stored state) and writes it (the
+                 collection must be mutable); 'fixed' is 'frozen'; otherwise as 'frozen', for
+                 a 'quant' collection that the train step differentiates. A state {'delta',
+                 'zero_float' (asymmetric only), 'q_min', 'q_max'} is the original's uniform
+                 quantizer with learnable delta / zero_float (qat.minmax_quantize,
+                 'minmax'); a state {'scale', 'zero_point' (asymmetric only), 'q_min',
+                 'q_max'} is the LSQ quantizer with the gradient scale
+                 1/sqrt(numel_per_scale * q_max) ('lsq': the zero-point is constant; 'lsq+':
+                 learned too, rounded with the STE). 'frozen' reads every form (an exported
+                 QAT model).
 """
 from __future__ import annotations
 
@@ -168,10 +173,16 @@ class QuantHooks:
     if module.has_variable(COLLECTION, name):
       state = module.get_variable(COLLECTION, name)
       axes = weight_reduce_axes(name, w, self.rules.per_channel)
+      if self.estimating:          # QAT 'none': the weight estimator on the current weights
+        state = dict(state, **self._update(
+            spec, {k: state[k] for k in ('x_min', 'x_max', 'n')}, w, None, axes))
+        module.put_variable(COLLECTION, name, state)
     else:   # not calibrated: ranges from the weight itself, every call
       state, axes = self.weight_state(name, w)
     if 'scale' in state:            # learned step size (QAT with LSQ / LSQ+)
       return self._lsq(state, w, axes)
+    if 'delta' in state:            # learned (delta, zero_float) (QAT 'minmax')
+      return self._minmax(state, w, axes)
     x_min, x_max = self._ranges(state, w.ndim, axes)
     return quantizers.quantize_dequantize(w, spec.n_bits, spec.symmetric, x_min, x_max,
                                           x_neg=spec.x_neg)
@@ -182,13 +193,32 @@ class QuantHooks:
     import jax
     import jax.numpy as jnp
     scale = quantizers.expand_range(state['scale'], x.ndim, axes)
-    zp = quantizers.expand_range(state['zero_point'], x.ndim, axes)
+    zp = quantizers.expand_range(state.get('zero_point', jnp.zeros((), jnp.float32)), x.ndim,
+                                 axes)       # symmetric quantizers: no zero-point
     q_min = jax.lax.stop_gradient(state['q_min'])
     q_max = jax.lax.stop_gradient(state['q_max'])
     if self.learn_ranges != 'lsq+':
       zp = jax.lax.stop_gradient(zp)
     g = 1.0 / jnp.sqrt(jnp.float32(x.size / max(int(jnp.size(state['scale'])), 1)) * q_max)
     return lsq.lsq_affine_quantize(x, scale, zp, q_min, q_max, g)
+
+  @property
+  def estimating(self) -> bool:
+    """QAT with learn_ranges='none': the ranges are re-estimated at every training step."""
+    return self.mode == 'learned' and self.learn_ranges == 'none'
+
+  def _minmax(self, state, x, axes, gid=None):
+    """x quantized with a learned (delta, zero_float) state (qat.minmax_quantize); per-group
+    states (K,) are expanded to the dims with `gid`."""
+    from oqt_jax.quant.methods import qat
+    delta, zf = state['delta'], state.get('zero_float')
+    if gid is not None:
+      delta, zf = delta[gid], (None if zf is None else zf[gid])
+    else:
+      delta = quantizers.expand_range(delta, x.ndim, axes)
+      zf = None if zf is None else quantizers.expand_range(zf, x.ndim, axes)
+    return qat.minmax_quantize(x, delta, zf, jax.lax.stop_gradient(state['q_min']),
+                               jax.lax.stop_gradient(state['q_max']))
 
   # ---- activations -----------------------------------------------------------------------------
   def keeps_float32(self, name) -> bool:
@@ -255,7 +285,7 @@ class QuantHooks:
       xs = quantizers.group_values(x, gid, spec.n_groups)
       ms = token_mask_for(xs, mask)
     rng_keys = ('x_min', 'x_max', 'n')
-    if mode == 'calibrating':
+    if mode == 'calibrating' or self.estimating:
       stored = dict(self._read(module, name, 'range'))
       new = self._update(spec, {k: stored[k] for k in rng_keys}, xs, ms, axes)
       stored.update(new)
@@ -265,6 +295,9 @@ class QuantHooks:
       state = self._read(module, name, 'range')
       if 'scale' in state:
         return self._lsq(state, x, axes)
+      if 'delta' in state:
+        out_dtype = jnp.float32 if spec.n_bits > 8 else x.dtype
+        return self._minmax(state, x.astype(jnp.float32), axes, gid).astype(out_dtype)
     else:  # dynamic: the estimator on this batch alone
       state = self._update(spec, estimators.init_state(shape), xs, ms, axes)
     x_min, x_max = state['x_min'], state['x_max']

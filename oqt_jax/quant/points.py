@@ -151,7 +151,7 @@ EXTRA_DEFAULTS = dict(act_granularity='per_tensor', permute_shared_h=False, mse_
                       adaround_lr=1e-3,
                       # QAT (quant/methods/qat.py): train.py trains the quantized model.
                       qat=False, learn_ranges='none')
-LEARN_RANGES = ('none', 'minmax', 'lsq', 'lsq+')
+LEARN_RANGES = ('none', 'fixed', 'minmax', 'lsq', 'lsq+')
 # n_bits_act=32: activations stay floating point (W4A32).
 FP_ACT_BITS = 32
 

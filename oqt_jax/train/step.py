@@ -29,17 +29,24 @@ def model_inputs(batch: Mapping[str, Any], model_type: str) -> dict:
 
 def loss_sum_fn(apply_fn: Callable, head: str, model_type: str, params, batch, *,
                 deterministic: bool, dropout_rng=None, quant=None,
-                model: nn.Module | None = None):
+                model: nn.Module | None = None, update_quant: bool = False):
   """(sum, count) of the head's loss on one (micro-)batch (`quant`: QAT's 'quant' collection;
   given `model`, the training fast path of losses.train_loss: same value and gradient, less
-  work)."""
+  work). update_quant: the collection is mutable (QAT re-estimating its ranges) and
+  (sum, count, new collection) is returned."""
   rngs = None if deterministic else {'dropout': dropout_rng}
   variables = {'params': params} if quant is None else {'params': params, 'quant': quant}
+  kw = {'mutable': ['quant']} if update_quant else {}
   out = apply_fn(variables, **model_inputs(batch, model_type),
-                 deterministic=deterministic, rngs=rngs)
+                 deterministic=deterministic, rngs=rngs, **kw)
+  new_quant = None
+  if update_quant:
+    out, new_quant = out[0], out[1]['quant']
   if model is not None:
-    return losses.train_loss(model, head, out, params, batch)
-  return losses.loss_for_head(head, out.logits, batch)
+    res = losses.train_loss(model, head, out, params, batch)
+  else:
+    res = losses.loss_for_head(head, out.logits, batch)
+  return (*res, new_quant) if update_quant else res
 
 
 def tree_all_finite(tree, small: int = 4096) -> jax.Array:
@@ -84,14 +91,17 @@ def make_train_step(model: nn.Module, head: str, schedule: optax.Schedule,
     # QAT: the learnable leaves of the 'quant' collection are differentiated with the params.
     from oqt_jax.quant.methods import qat
     ranges = None if quant is None else qat.split(quant, learn)
+    # QAT learn_ranges='none': the estimators' new range state comes back (else `quant`).
+    estimate = quant is not None and qat.estimates_ranges(learn)
 
     def f(p, r):
-      s, c = loss_sum_fn(apply_fn, head, model_type, p, mb, deterministic=False,
-                         dropout_rng=rng, quant=None if quant is None else qat.merge(quant, r),
-                         model=model)
-      return s, c
-    (s, c), (g, gr) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(params, ranges)
-    return s, c, g if quant is None else (g, gr)
+      out = loss_sum_fn(apply_fn, head, model_type, p, mb, deterministic=False,
+                        dropout_rng=rng, quant=None if quant is None else qat.merge(quant, r),
+                        model=model, update_quant=estimate)
+      return out[0], (out[1], out[2] if estimate else quant)
+    (s, (c, new_q)), (g, gr) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(params,
+                                                                                  ranges)
+    return s, c, (g if quant is None else (g, gr)), new_q
 
   def train_step(state: TrainState, batch):
     with shd.activation_context(mesh):
@@ -102,8 +112,8 @@ def make_train_step(model: nn.Module, head: str, schedule: optax.Schedule,
     n_micro = jax.tree.leaves(batch)[0].shape[0]
     qat_kw = {} if state.quant is None else dict(quant=state.quant, learn=state.learn_ranges)
     if n_micro == 1:
-      s, c, g = micro_grads(state.params, jax.tree.map(lambda x: x[0], batch),
-                            jax.random.fold_in(step_rng, 0), **qat_kw)
+      s, c, g, new_q = micro_grads(state.params, jax.tree.map(lambda x: x[0], batch),
+                                   jax.random.fold_in(step_rng, 0), **qat_kw)
     else:
       zeros = jax.tree.map(jnp.zeros_like, state.params)
       zeros = jax.lax.with_sharding_constraint(zeros, shardings.params)
@@ -113,18 +123,21 @@ def make_train_step(model: nn.Module, head: str, schedule: optax.Schedule,
 
       def body(carry, xs):
         i, mb = xs
-        s, c, g = micro_grads(state.params, mb, jax.random.fold_in(step_rng, i), **qat_kw)
-        acc_s, acc_c, acc_g = carry
+        acc_s, acc_c, acc_g, q = carry
+        kw = dict(qat_kw, quant=q) if qat_kw else {}   # QAT 'none': q moves per micro-batch
+        s, c, g, q = micro_grads(state.params, mb, jax.random.fold_in(step_rng, i), **kw)
         acc_g = jax.tree.map(jnp.add, acc_g, g)
         if qat_kw:
           acc_g = (jax.lax.with_sharding_constraint(acc_g[0], shardings.params), acc_g[1])
         else:
           acc_g = jax.lax.with_sharding_constraint(acc_g, shardings.params)
-        return (acc_s + s, acc_c + c, acc_g), None
-      init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
-      (s, c, g), _ = jax.lax.scan(body, init, (jnp.arange(n_micro), batch))
+        return (acc_s + s, acc_c + c, acc_g, q), None
+      init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros, state.quant)
+      (s, c, g, new_q), _ = jax.lax.scan(body, init, (jnp.arange(n_micro), batch))
     denom = jnp.maximum(c, 1.0)
     before = state
+    if qat_kw:   # QAT 'none': the re-estimated ranges (a non-finite step keeps the old ones)
+      state = state.replace(quant=new_q)
     if qat_kw:   # QAT: the ranges' update (Adam on the same schedule)
       g, g_ranges = g
       state = _update_ranges(state, jax.tree.map(lambda x: x / denom, g_ranges))

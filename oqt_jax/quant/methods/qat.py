@@ -6,18 +6,30 @@
      steps continues it as QAT);
   2. the range state (the 'quant' collection) joins the train state: checkpointed by Orbax,
      restored on resume, replicated over the mesh;
-  3. every step trains the weights through the STE; config.quant.learn_ranges picks what is
-     learned of the ranges, with Adam on the same learning-rate schedule (no weight decay):
-       'none'    frozen at the calibrated values;
-       'minmax'  x_min / x_max of every quantizer (the original's QAT);
+  3. every step trains the weights through the STE; config.quant.learn_ranges picks what
+     happens to the ranges:
+       'none'    (default; the original's default, its `estimate_ranges_train` state) not
+                 learned: every training step runs each quantizer's range estimator on that
+                 step's tensors (activations: the calibrated estimator state continues, e.g.
+                 the running_minmax EMA; weights: the weight estimator on the current
+                 weights) and quantizes with the new range; evaluation uses the last ranges;
+       'fixed'   frozen at the calibrated values (the original's --fix-act-ranges
+                 --fix-weight-ranges);
+       'minmax'  learned (the original's --learn-ranges): every quantizer's (delta,
+                 zero_float) — asymmetric — or delta — symmetric — trained with the weights
+                 (`minmax_quantize`: scale = max(delta, eps), zero point =
+                 clamp(round_ste(zero_float), 0, 2^b - 1));
        'lsq'     the scale of every quantizer, LSQ gradient scale 1/sqrt(numel * q_max)
                  (zero-points, for asymmetric quantizers, stay at their calibrated value);
-       'lsq+'    scale and a float zero-point (rounded with the STE, clamped to the grid);
-  4. the export writes the learned state beside the HF checkpoint (hf/quant_state.msgpack,
+       'lsq+'    scale and, for asymmetric quantizers, a float zero-point (rounded with the
+                 STE, clamped to the grid); symmetric quantizers learn the scale only;
+     learned ranges use Adam on the parameters' learning-rate schedule (no weight decay);
+  4. the export writes the range state beside the HF checkpoint (hf/quant_state.msgpack,
      hf/quant_config.json): eval.py --quantize on the workdir evaluates exactly that quantized
      model, without recalibrating.
 The hooks run in mode 'learned' (quant/hooks.py); the train step differentiates the learnable
-leaves of the 'quant' collection (`split` / `merge`).
+leaves of the 'quant' collection (`split` / `merge`), and with 'none' takes the collection the
+estimators wrote (`estimates_ranges`).
 """
 from __future__ import annotations
 
@@ -37,8 +49,9 @@ from oqt_jax.quant import quantizers
 from oqt_jax.quant.hooks import COLLECTION, QuantHooks
 from oqt_jax.quant.points import split_name
 
-LEARNABLE = {'none': (), 'minmax': ('x_min', 'x_max'), 'lsq': ('scale',),
+LEARNABLE = {'none': (), 'fixed': (), 'minmax': ('delta', 'zero_float'), 'lsq': ('scale',),
              'lsq+': ('scale', 'zero_point')}
+RANGE_KEYS = ('x_min', 'x_max', 'delta', 'zero_float', 'scale', 'zero_point')
 STATE_FILE = 'quant_state.msgpack'
 CONFIG_FILE = 'quant_config.json'
 
@@ -50,6 +63,12 @@ def enabled(config) -> bool:
 def learn_ranges(config) -> str:
   q = config.quant if 'quant' in config else config
   return str(q.get('learn_ranges', 'none'))
+
+
+def estimates_ranges(learn: str) -> bool:
+  """True where the training step re-estimates the ranges ('none'): the 'quant' collection is
+  mutable in the step and the estimators' new state replaces it."""
+  return learn == 'none'
 
 
 def check(config, model_cfg) -> None:
@@ -100,10 +119,18 @@ def merge(quant, learned) -> dict:
 
 
 def to_learned(quant, rules, learn: str) -> dict:
-  """Calibrated ranges -> the parameterisation learned by `learn` ('lsq' / 'lsq+': every
-  point's {'x_min', 'x_max'} becomes {'scale', 'zero_point', 'q_min', 'q_max'} of the same
-  quantizer, so the first QAT step starts from the calibrated model)."""
-  if learn not in ('lsq', 'lsq+'):
+  """Calibrated ranges -> the parameterisation learned by `learn`, so that the first QAT step
+  starts from the calibrated quantizers:
+    'minmax'        every point's {'x_min', 'x_max'} becomes the original's quantizer state
+                    after set_quant_range: asymmetric {'delta' = (x_max - x_min) / (2^b - 1),
+                    'zero_float' = -x_min / delta}, symmetric {'delta' = max(|x_min|, x_max) /
+                    q_max} (signed grid iff x_min < 0 anywhere, or quant.symmetric_signed),
+                    after the widening to contain 0; plus the constant grid 'q_min', 'q_max';
+    'lsq' / 'lsq+'  {'scale', 'zero_point' (asymmetric only), 'q_min', 'q_max'} of the same
+                    quantizer;
+    'none' / 'fixed' unchanged.
+  'n' and a permuted PEG point's 'group_ids' are kept."""
+  if learn not in ('minmax', 'lsq', 'lsq+'):
     return quant
   flat = traverse_util.flatten_dict(flax.core.unfreeze(quant))
   groups: dict = {}
@@ -112,17 +139,68 @@ def to_learned(quant, rules, learn: str) -> dict:
   out = {}
   for prefix, st in groups.items():
     name = prefix[-1] if prefix else ''
-    if ('x_min' in st and 'x_max' in st and _is_point_state(prefix + ('x',))
-        and 'group_ids' not in st):
+    if 'x_min' in st and 'x_max' in st and _is_point_state(prefix + ('x',)):
       spec = rules.spec(name)
-      s, z, q_min, q_max = quantizers.scale_zero_point(st['x_min'], st['x_max'], spec.n_bits,
-                                                       spec.symmetric)
-      st = {'scale': s, 'zero_point': jnp.broadcast_to(z, jnp.shape(s)).astype(jnp.float32),
-            'q_min': jnp.asarray(q_min, jnp.float32), 'q_max': jnp.asarray(q_max, jnp.float32),
-            'n': st['n']}
+      keep = {k: v for k, v in st.items() if k not in ('x_min', 'x_max')}
+      if learn == 'minmax':
+        st = dict(keep, **minmax_init(st['x_min'], st['x_max'], spec.n_bits, spec.symmetric,
+                                      x_neg=spec.x_neg))
+      elif 'group_ids' not in st:
+        s, z, q_min, q_max = quantizers.scale_zero_point(st['x_min'], st['x_max'], spec.n_bits,
+                                                         spec.symmetric, x_neg=spec.x_neg)
+        st = dict(keep, scale=s, q_min=jnp.asarray(q_min, jnp.float32),
+                  q_max=jnp.asarray(q_max, jnp.float32))
+        if not spec.symmetric:
+          st['zero_point'] = jnp.broadcast_to(z, jnp.shape(s)).astype(jnp.float32)
     for k, v in st.items():
       out[prefix + (k,)] = v
   return traverse_util.unflatten_dict(out)
+
+
+# ---- the original's uniform quantizer with learnable (delta, zero_float) ---------------------
+def minmax_init(x_min, x_max, n_bits: int, symmetric: bool, x_neg=None) -> dict:
+  """The quantizer state that reproduces the range [x_min, x_max]: the original's
+  set_quant_range (range widened to contain 0, x_max >= eps; delta not clamped here, the
+  forward pass clamps it). Asymmetric: {'delta', 'zero_float', 'q_min', 'q_max'}; symmetric:
+  {'delta', 'q_min', 'q_max'} (the grid fixed here, as the original's `signed` buffer)."""
+  eps = jnp.float32(quantizers.EPS)
+  x_min = jnp.asarray(x_min, jnp.float32)
+  x_max = jnp.asarray(x_max, jnp.float32)
+  x_min = jnp.where(x_min < 0, x_min, jnp.float32(0))
+  x_max = jnp.where(x_max > eps, x_max, eps)
+  if symmetric:
+    signed = jnp.any(x_min < 0) if x_neg is None else jnp.asarray(x_neg, bool)
+    s_min, s_max = quantizers.int_grid(n_bits, True, signed=True)
+    u_min, u_max = quantizers.int_grid(n_bits, True, signed=False)
+    q_min = jnp.where(signed, jnp.float32(s_min), jnp.float32(u_min))
+    q_max = jnp.where(signed, jnp.float32(s_max), jnp.float32(u_max))
+    return {'delta': jnp.maximum(-x_min, x_max) / q_max, 'q_min': q_min, 'q_max': q_max}
+  q_min, q_max = quantizers.int_grid(n_bits, False)
+  delta = (x_max - x_min) / jnp.float32(q_max)
+  return {'delta': delta, 'zero_float': -x_min / delta,
+          'q_min': jnp.float32(q_min), 'q_max': jnp.float32(q_max)}
+
+
+def minmax_quantize(x, delta, zero_float, q_min, q_max, eps: float = quantizers.EPS):
+  """The original's AsymmetricUniformQuantizer (zero_float given) / SymmetricUniformQuantizer
+  (zero_float None) forward pass, differentiable in delta and zero_float:
+    scale = clamp(delta, min=eps)
+    z     = clamp(round_ste(zero_float), q_min, q_max)           (0 if symmetric)
+    x_int = clamp(round_ste(x / scale) + z, q_min, q_max)
+    q(x)  = scale * (x_int - z)
+  (round half to even, clamp gradients 1 on [lo, hi] bounds included, as torch). delta and
+  zero_float broadcast against x; arithmetic in float32, the output has x's dtype."""
+  xf = jnp.asarray(x, jnp.float32)
+  delta = jnp.asarray(delta, jnp.float32)
+  scale = jnp.where(delta < eps, jnp.float32(eps), delta)
+  if zero_float is None:
+    z = jnp.float32(0)
+  else:
+    z = quantizers.clamp(quantizers.round_ste(jnp.asarray(zero_float, jnp.float32)), q_min,
+                         q_max)
+  x_int = quantizers.clamp(quantizers.round_ste(quantizers.true_divide(xf, scale)) + z,
+                           q_min, q_max)
+  return (scale * (x_int - z)).astype(jnp.asarray(x).dtype)
 
 
 def range_optimizer(schedule) -> optax.GradientTransformation:
@@ -201,7 +279,8 @@ def quantized_from_export(model, variables, model_dir):
 
 
 def range_values(quant) -> dict:
-  """{path: array} of the range leaves (x_min / x_max / scale / zero_point), for inspection."""
+  """{path: array} of the range leaves (x_min / x_max, delta / zero_float, scale / zero_point),
+  for inspection."""
   flat = traverse_util.flatten_dict(flax.core.unfreeze(quant))
   return {'/'.join(map(str, p)): np.asarray(v) for p, v in flat.items()
-          if p[-1] in ('x_min', 'x_max', 'scale', 'zero_point') and _is_point_state(p)}
+          if p[-1] in RANGE_KEYS and _is_point_state(p)}
