@@ -9,7 +9,7 @@
   python eval.py --config configs/bert_base_vanilla.py --workdir out --hf_model /path/to/hf_dir \
       --quantize --config.quant.quant_dict="{'x': 16, 'h': 16, 'y': 16}" --out w8a16
   python eval.py --config configs/tiny_opt_vanilla.py --workdir runs/opt --compare \
-      --methods=fp,w8a8_minmax,llm_int8,weight_only
+      --methods=fp,w8a8_minmax,llm_int8,weight_only [--setting original|all|both]
   python eval.py --config configs/tiny_opt_vanilla.py --workdir runs/tiny_opt --quantize \
       --config.quant.n_bits=4 --config.quant.adaround=True      # AdaRound W4A8
 
@@ -60,8 +60,11 @@ flags.DEFINE_bool('plots', True, 'Write the PNG plots.')
 flags.DEFINE_bool('progress', True, 'Show a tqdm progress bar.')
 flags.DEFINE_bool('compare', False, 'Compare every quantization method on the same data: '
                   'WORKDIR/comparison.md, .json, .png (oqt_jax/evaluate/comparison.py).')
-flags.DEFINE_string('methods', None, 'With --compare: comma-separated rows (default all; '
-                    'names in oqt_jax/quant/methods/compare.py).')
+flags.DEFINE_string('methods', None, 'With --compare: comma-separated registered methods '
+                    '(default all; oqt_jax.quant.methods.names()).')
+flags.DEFINE_enum('setting', 'original', ['original', 'all', 'both'],
+                  "With --compare: each method's preset (its original's setting), 'all' (W8A8 "
+                  'per-tensor, every point quantized, the method applied), or both rows.')
 flags.DEFINE_string('prompt', None, 'OPT models: print a continuation of this text (KV-cache '
                     'generation with the run\'s tokenizer) instead of evaluating; with '
                     '--quantize the calibrated model generates.')
@@ -69,6 +72,9 @@ flags.DEFINE_integer('max_new_tokens', 20, '--prompt: tokens to generate.')
 flags.DEFINE_float('temperature', 0.0, '--prompt: 0 = greedy, > 0 = sampling temperature.')
 flags.DEFINE_integer('top_k', 0, '--prompt: sample among the top k tokens (0 = all).')
 flags.DEFINE_integer('seed', None, '--prompt: sampling seed (default config.seed).')
+flags.DEFINE_bool('analyze', False, 'The outlier mechanism: per layer the outlier dims and '
+                  'the tokens they occur at, per head the attention mass on delimiter tokens '
+                  'and their value norms; writes WORKDIR/analysis.json and analysis.png.')
 
 
 _OWN_FLAGS = sorted(set(FLAGS) - _FLAGS_BEFORE)   # listed by --help
@@ -115,6 +121,10 @@ def main(argv):
       from oqt_jax.config import apply_overrides
       config = apply_overrides(config, _LATE_OVERRIDES)
     method = config.get('quant', {}).get('method', '')
+    from oqt_jax.quant import methods as registry
+    registry.check_name(method, '--config.quant.method')
+    if FLAGS['setting'].present and not (FLAGS.compare or FLAGS.methods):
+      raise ConfigError(f'--setting={FLAGS.setting}: only with --compare')
     _check_quant_flags(explicit, FLAGS.quantize or bool(method))
     if FLAGS.prompt is not None:
       generate_text(config, workdir, FLAGS.prompt, hf_model=FLAGS.hf_model,
@@ -122,11 +132,17 @@ def main(argv):
                     top_k=FLAGS.top_k, quantize=FLAGS.quantize, progress=FLAGS.progress,
                     seed=FLAGS.seed)
       return
+    if FLAGS.analyze:
+      from oqt_jax.evaluate.analysis import analyze_run
+      analyze_run(config, workdir, hf_model=FLAGS.hf_model, num_batches=FLAGS.num_batches,
+                  batch_size=FLAGS.batch_size, plots_on=FLAGS.plots)
+      return
     if FLAGS.compare or FLAGS.methods:
       from oqt_jax.evaluate.comparison import compare_run
       compare_run(config, workdir, methods=FLAGS.methods, hf_model=FLAGS.hf_model,
-                  num_batches=FLAGS.num_batches, batch_size=FLAGS.batch_size,
-                  plots_on=FLAGS.plots, progress=FLAGS.progress)
+                  setting=FLAGS.setting, num_batches=FLAGS.num_batches,
+                  batch_size=FLAGS.batch_size, plots_on=FLAGS.plots, progress=FLAGS.progress,
+                  explicit_quant=_explicit_quant_fields(sys.argv[1:]))
       return
     evaluate_run(config, workdir, quantize=FLAGS.quantize or bool(method),
                  hf_model=FLAGS.hf_model, num_batches=FLAGS.num_batches,

@@ -1,18 +1,29 @@
-"""`compare_run(config, workdir, ...)`: every quantization method on the same data, one table.
+"""`compare_run(config, workdir, ...)`: every registered quantization method on the same data,
+one table.
 
   python eval.py --config C --workdir W --compare [--methods fp,w8a8_minmax,llm_int8]
+      [--setting original|all|both]
+
+The rows are the methods of the registry (oqt_jax.quant.methods.names(), in its order;
+--methods selects some), each in the chosen setting: 'original' = the method's preset (its
+original's setting; Outlier Suppression's W8A8 preset in this W8A8 table), 'all' = the
+outlier-free paper's W8A8 per-tensor setting with every point quantized and the method
+applied, 'both' = both rows. Methods with one setting (plain calibration, PEG, W8A{8,16}:
+'all'; FP, LLM.int8(), weight-only: 'original') appear once; the setting column says which.
+The quant fields given on the command line (`explicit_quant`) hold in every row.
 
 The model is loaded and the data built as for `evaluate_run` (run.py); the calibration
 batches (quant.est_num_batches training batches) and the evaluation batches are drawn once
-and shared by every row. Each row (oqt_jax/quant/methods/compare.py) builds its quantized
-model, timed ('calib s': wall seconds of the method's calibration / transform, compilation
-included), then is measured by the same evaluator as eval.py (outliers.evaluate: perplexity
-and inf norms; for a classification model the GLUE metric of evaluate/glue.py on a GLUE
-config, else accuracy). A row that fails records its error and the others still run.
+and shared by every row (a preset asking for more calibration samples uses what there is).
+Each row is built by `methods.run`, timed ('seconds': wall seconds of the method, compilation
+included), then measured by the same evaluator as eval.py (outliers.evaluate: perplexity and
+inf norms; for a classification model the GLUE metric of evaluate/glue.py on a GLUE config,
+else accuracy). A row that fails records its error and the others still run.
 
-Columns: metric (perplexity for MLM / CLM, lower is better; GLUE metric or accuracy for
-classification), delta to FP, max inf norm (the paper's tensor: BERT FFN output, OPT layer
-output; of the quantized model), model bytes (compare.model_bytes), calib seconds.
+Columns: setting, metric (perplexity for MLM / CLM, lower is better; GLUE metric or accuracy
+for classification), delta to FP, max inf norm (the paper's tensor: BERT FFN output, OPT
+layer output; of the quantized model), model bytes (`model_bytes`: the real stored bytes
+where int8 weights are stored, else weights counted at the method's bit width), seconds.
 Written to OUT/comparison.md, comparison.json and comparison.png (bar plot of the metric).
 """
 from __future__ import annotations
@@ -84,17 +95,47 @@ def _fmt(v, spec='.4f') -> str:
   return format(v, spec)
 
 
+def _rules_bits(rules):
+  """weight site -> bits under `rules` (None: stored as is, e.g. an FP head)."""
+  def bits(site):
+    specs = [rules.spec(p) for p in site.points]
+    if not specs or not all(s.enabled for s in specs):
+      return None
+    return max(s.n_bits for s in specs)
+  return bits
+
+
+def model_bytes(model, variables, qmodel, qvariables, info: dict) -> int:
+  """A row's model size in bytes: the stored bytes where the method stores int8 weights
+  (LLM.int8(), weight-only: info['stored_bytes']); FP: the parameters as stored; otherwise
+  the parameters with each quantized weight counted at its bit width (+ float32 scales, one
+  per output channel with per-channel weights), the rest as stored."""
+  from oqt_jax.quant import weight_int8
+  from oqt_jax.quant.points import Rules
+  if 'stored_bytes' in info:
+    return int(info['stored_bytes'])
+  if info.get('name') == 'fp' or getattr(qmodel, 'quant', None) is None:
+    return weight_int8.param_bytes(variables, ('params',))
+  q = info['qcfg']
+  rules = getattr(qmodel.quant, 'rules', None) or Rules.build(q, model.cfg)
+  base = {'params': qvariables['params']} if 'params' in qvariables else variables
+  return weight_int8.model_bytes(qmodel, base, _rules_bits(rules),
+                                 per_channel=bool(q.get('per_channel', False)))
+
+
 def format_markdown(report: dict) -> str:
   mname = report['metric']
-  lines = [f'| method | {mname} | delta to FP | max inf norm | model bytes | calib s | notes |',
-           '|---|---:|---:|---:|---:|---:|---|']
+  lines = [f'| method | setting | {mname} | delta to FP | max inf norm | model bytes | seconds '
+           '| notes |',
+           '|---|---|---:|---:|---:|---:|---:|---|']
   for r in report['rows']:
     if r.get('error'):
-      lines.append(f'| {r["label"]} ({r["name"]}) | error: {r["error"]} | | | | | |')
+      lines.append(f'| {r["label"]} ({r["name"]}) | {r["setting"]} | error: {r["error"]} '
+                   '| | | | | |')
       continue
-    lines.append(f'| {r["label"]} ({r["name"]}) | {_fmt(r["metric"])} | '
+    lines.append(f'| {r["label"]} ({r["name"]}) | {r["setting"]} | {_fmt(r["metric"])} | '
                  f'{_fmt(r["delta"], "+.4f")} | {_fmt(r["max_inf_norm"], ".2f")} | '
-                 f'{r["model_bytes"]:,} | {_fmt(r["calib_seconds"], ".1f")} | '
+                 f'{r["model_bytes"]:,} | {_fmt(r["seconds"], ".1f")} | '
                  f'{r.get("notes", "")} |')
   return '\n'.join(lines)
 
@@ -105,14 +146,18 @@ def bar_plot(report: dict, path: str) -> str:
   rows = [r for r in report['rows'] if not r.get('error') and r.get('metric') is not None
           and math.isfinite(r['metric'])]
   fig, ax = plt.subplots(figsize=(max(6.0, 0.7 * len(rows) + 2), 4.5))
-  names = [r['name'] for r in rows]
+  count = {}
+  for r in rows:
+    count[r['name']] = count.get(r['name'], 0) + 1
+  names = [r['name'] if count[r['name']] == 1 else f'{r["name"]} ({r.get("setting")})'
+           for r in rows]
   vals = [r['metric'] for r in rows]
-  colors = ['tab:gray' if n == 'fp' else 'tab:blue' for n in names]
+  colors = ['tab:gray' if r['name'] == 'fp' else 'tab:blue' for r in rows]
   bars = ax.bar(range(len(rows)), vals, color=colors)
   ax.bar_label(bars, labels=[f'{v:.4g}' for v in vals], fontsize=7)
   ax.set_xticks(range(len(rows)))
   ax.set_xticklabels(names, rotation=35, ha='right', fontsize=8)
-  fp = next((r['metric'] for r in rows if r['name'] == 'fp'), None)
+  fp = report.get('fp_metric')
   if fp is not None:
     ax.axhline(fp, color='tab:gray', ls='--', lw=1, label='FP')
     ax.legend(fontsize=8)
@@ -120,7 +165,7 @@ def bar_plot(report: dict, path: str) -> str:
     ax.set_yscale('log')
   ax.set_ylabel(report['metric'])
   failed = [r['name'] for r in report['rows'] if r.get('error')]
-  title = f'{report["model_type"]}: {report["metric"]} per method'
+  title = f'{report["model_type"]}: {report["metric"]} per method ({report.get("setting", "original")} setting)'
   if failed:
     title += f'\n(failed: {", ".join(failed)})'
   ax.set_title(title, fontsize=9)
@@ -133,14 +178,17 @@ def bar_plot(report: dict, path: str) -> str:
 
 
 def compare_run(config, workdir: Optional[str], *, hf_model: Optional[str] = None,
-                methods=None, num_batches: Optional[int] = None,
+                methods=None, setting: str = 'original', num_batches: Optional[int] = None,
                 batch_size: Optional[int] = None, out_dir: Optional[str] = None,
-                plots_on: bool = True, progress: bool = True) -> dict[str, Any]:
-  """Runs the rows `methods` ('a,b,c', a list, or None: all) and writes the comparison."""
+                plots_on: bool = True, progress: bool = True,
+                explicit_quant=()) -> dict[str, Any]:
+  """Runs the registered methods `methods` ('a,b,c', a list, or None: all) in `setting`
+  ('original', 'all', 'both') and writes the comparison (module docstring)."""
   from oqt_jax import quant
   from oqt_jax.errors import ConfigError
-  from oqt_jax.quant.methods import compare, llm_int8
-  names = compare.parse_methods(methods)
+  from oqt_jax.quant import methods as registry
+  from oqt_jax.quant.methods import llm_int8
+  plan = registry.rows(methods, setting)
   quant.validate_quant_config(config)
   out_dir = out_dir or workdir
   if not out_dir:
@@ -155,25 +203,29 @@ def compare_run(config, workdir: Optional[str], *, hf_model: Optional[str] = Non
   eval_batches = list(val.eval_batches(bs, nb))
   n_cal = int(config.quant.est_num_batches)
   cal_batches = list(run_lib.calibration_batches(cal, bs, n_cal))
-  _info(f'comparing {len(names)} methods on {mtype} ({model.cfg.resolved_head}) from {source}: '
-        f'{len(cal_batches)} calibration and {len(eval_batches)} evaluation batches of {bs}')
+  _info(f'comparing {len(plan)} rows ({setting} setting) on {mtype} '
+        f'({model.cfg.resolved_head}) from {source}: {len(cal_batches)} calibration and '
+        f'{len(eval_batches)} evaluation batches of {bs}')
 
   rows = []
   fp_metric = None
   metric_name = None
-  it = names
+  it = plan
   if progress:
     from tqdm.auto import tqdm
-    it = tqdm(names, desc='methods', unit='method')
-  for name in it:
-    row: dict[str, Any] = dict(name=name, label=compare.LABELS[name])
+    it = tqdm(plan, desc='methods', unit='row')
+  for name, row_setting in it:
+    row: dict[str, Any] = dict(name=name, setting=row_setting,
+                               label=registry.label_of(name, registry.resolve(
+                                   name, config.quant, explicit_quant, row_setting, table=True)))
     try:
       t0 = time.perf_counter()
-      qmodel, qvars, info = compare.run_method(name, model, variables, cal_batches,
-                                               config.quant)
+      qmodel, qvars, info = registry.run(name, model, variables, cal_batches, config.quant,
+                                         explicit=explicit_quant, setting=row_setting,
+                                         table=True)
       jax.block_until_ready(jax.tree_util.tree_leaves(qvars))
-      row['calib_seconds'] = time.perf_counter() - t0
-      row['label'] = info.get('label', row['label'])
+      row['seconds'] = row['calib_seconds'] = time.perf_counter() - t0
+      row['label'] = info['label']
       m = outliers.evaluate(qmodel, qvars, iter(eval_batches), num_batches=len(eval_batches),
                             desc=name)
       mname, value = metric_of(config, model, qmodel, qvars, eval_batches, m)
@@ -181,8 +233,8 @@ def compare_run(config, workdir: Optional[str], *, hf_model: Optional[str] = Non
       row.update(metric=value, perplexity=m.get('perplexity'), loss=m.get('loss'),
                  max_inf_norm=m['max_inf_norm'], max_inf_norm_any=m['max_inf_norm_any'],
                  avg_kurtosis=m['avg_kurtosis'],
-                 model_bytes=compare.model_bytes(name, model, variables, qmodel, qvars, info,
-                                                 config.quant))
+                 model_bytes=model_bytes(model, variables, qmodel, qvars, info),
+                 quant_config=info['qcfg'].to_dict())
       if 'peg_groups' in info:
         row['peg_groups'] = info['peg_groups']
       if name == 'llm_int8':
@@ -196,7 +248,7 @@ def compare_run(config, workdir: Optional[str], *, hf_model: Optional[str] = Non
         fp_metric = value
     except Exception as e:   # a failing method fails its row only
       row['error'] = _error_text(e)
-      _info(f'{name}: {row["error"]}')
+      _info(f'{name} ({row_setting}): {row["error"]}')
       if os.environ.get('OQT_COMPARE_TRACEBACK'):
         traceback.print_exc()
     rows.append(row)
@@ -209,17 +261,23 @@ def compare_run(config, workdir: Optional[str], *, hf_model: Optional[str] = Non
       r['delta'] = (r['metric'] - fp_metric if fp_metric is not None and r['metric'] is not None
                     else None)
   report = dict(model_path=source, model_type=mtype, head=model.cfg.resolved_head,
-                metric=metric_name or 'perplexity', num_eval_batches=len(eval_batches),
-                num_calibration_batches=len(cal_batches), batch_size=bs,
-                fp_metric=fp_metric, quant_config=config.quant.to_dict(), rows=rows)
+                metric=metric_name or 'perplexity', setting=setting,
+                num_eval_batches=len(eval_batches), num_calibration_batches=len(cal_batches),
+                batch_size=bs, fp_metric=fp_metric, quant_config=config.quant.to_dict(),
+                rows=rows)
+  title = (f'Quantization methods on {source} ({mtype}, {report["metric"]}; '
+           f'setting: {setting})')
   table = format_markdown(report)
-  print(table)
+  print(f'{title}\n{table}')
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, MD_FILE), 'w') as fh:
-    fh.write(f'# Quantization methods on {source}\n\n{table}\n\n'
+    fh.write(f'# {title}\n\n{table}\n\n'
              f'{len(cal_batches)} calibration and {len(eval_batches)} evaluation batches of '
-             f'{bs}; metric: {report["metric"]}; model bytes: weights at the method\'s bit '
-             'width plus float32 scales, other parameters as stored.\n')
+             f'{bs}; metric: {report["metric"]}; setting original = the method\'s preset (its '
+             'original\'s setting), all = W8A8 per-tensor, every point quantized, with the '
+             'method applied; model bytes: stored bytes where int8 weights are stored, else '
+             'weights at the method\'s bit width plus float32 scales, other parameters as '
+             'stored; seconds: the method\'s wall time.\n')
   with open(os.path.join(out_dir, JSON_FILE), 'w') as fh:
     json.dump(run_lib._nan_to_none(report), fh, indent=1, sort_keys=True)
   files = [os.path.join(out_dir, MD_FILE), os.path.join(out_dir, JSON_FILE)]

@@ -35,7 +35,7 @@ SYNCED_MODEL_FIELDS = ('model_type', 'head', 'vocab_size', 'pad_token_id',
 TOKENIZER_FILES = ('tokenizer.json', 'vocab.txt', 'tokenizer_config.json')
 OUT_NAME_RE = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._-]*$')
 # Methods that quantize each batch as it comes (nothing calibrated beforehand).
-NO_CALIBRATION = frozenset({'llm_int8', 'weight_only', 'weight_int8', 'dynamic'})
+NO_CALIBRATION = frozenset({'fp', 'llm_int8', 'weight_only', 'weight_int8', 'dynamic'})
 
 
 def _info(msg: str):
@@ -473,7 +473,7 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: Optional[str], *,
   each other; out_dir/eval_metrics.json is a copy of the newest.
 
   The quantized model comes from the method config.quant.method ('' = plain calibration;
-  oqt_jax.quant.methods.METHODS); the method's preset (the original's bits, granularity,
+  oqt_jax.quant.methods.names()); the method's preset (the original's bits, granularity,
   calibration samples) fills the quant fields not named in `explicit_quant`.
   """
   from oqt_jax import quant
@@ -561,7 +561,7 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: Optional[str], *,
         _info(f'quantizing with {method} (no calibration: ranges from each batch)')
       else:
         calibrating(int(qcfg.est_num_batches))
-      qmodel, qvars = methods.run(
+      qmodel, qvars, _ = methods.run(
           method, model, variables,
           checked(calibration_batches(cal, bs, int(qcfg.est_num_batches)), model,
                   'calibration batch'), qcfg, progress=progress)
