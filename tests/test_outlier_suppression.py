@@ -514,9 +514,10 @@ def test_twc_rejects_dynamic_and_bad_fields():
   variables = models.init_variables(model, jax.random.PRNGKey(0), seq_len=SEQ)
   with pytest.raises(ConfigError, match=r'^quant\.dynamic'):
     quant.token_wise_clipping(model, variables, _batches(1), quant.config(dynamic=True))
+  with pytest.raises(ValueError, match='fine_keep'):
+    quant.token_wise_clipping(model, variables, _batches(1), quant.config(), fine_keep='first')
   for kw, field in [(dict(twc_lr=0.0), 'quant.twc_lr'), (dict(twc_epochs=0), 'quant.twc_epochs'),
-                    (dict(method='nope'), 'quant.method'),
-                    (dict(smoothquant_alpha=1.5), 'quant.smoothquant_alpha')]:
+                    (dict(twc_fine=1), 'quant.twc_fine')]:
     with pytest.raises(ConfigError, match='^' + field.replace('.', r'\.')):
       quant.config(**kw)
 
