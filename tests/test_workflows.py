@@ -173,6 +173,8 @@ def _method_names():
 
 METHOD_ARGS = {   # keep each method's own work tiny
     'outlier_suppression': ['--config.quant.twc_fine=False'],
+    'adaround': ['--config.quant.adaround_iters=2', '--config.quant.adaround_samples=4'],
+    'w8a8_mse': ['--config.quant.num_candidates=10'],
 }
 
 
@@ -233,8 +235,8 @@ def test_eval_workflow(cli, capfd, opt_run, args, name):
 
 def test_compare_workflow(cli, capfd, opt_run):
   """eval.py ... --compare --methods=fp,w8a8_minmax: comparison.md / .json / .png."""
-  from oqt_jax.quant.methods import compare
-  rows = ','.join(n for n in ('fp', 'w8a8_minmax') if n in compare.METHOD_NAMES)
+  from oqt_jax.quant import methods
+  rows = ','.join(n for n in ('fp', 'w8a8_minmax') if n in methods.names())
   code, out, err = cli(capfd, '--config', OPT_CFG, '--workdir', str(opt_run), *EVAL,
                        '--compare', f'--methods={rows}', '--config.quant.est_num_batches=1')
   assert code == 0, err[-3000:]
