@@ -66,8 +66,6 @@ ZETA, GAMMA = 1.1, -0.1
 BATCH_SIZE = 8             # whole sequences per step (the original's training batch size)
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
 SOFT_BAND = (0.01, 0.99)   # h(a) in this open band counts as "not yet rounded"
-EAGER_BELOW = 2 ** 18      # iterations x (weights + minibatch inputs) below which a layer's
-                           # loop runs op by op instead of being compiled
 
 # The original's AdaRound row (its README: W4A32 PTQ, symmetric per-tensor 4-bit weights,
 # MSE grid range with 100 candidates, quant setup 'all', AdaRound on all layers with 1024
@@ -227,12 +225,8 @@ def optimise_layer(kind: str, w, scale, zero_point, q_min, q_max, x, target, *, 
   sched = {k: f(v) for k, v in schedule(iters, warmup, beta, lam, lr, dtype=np.dtype(dtype)).items()}
   args = (a0, w_floor, scale, zero_point, q_min, q_max, x, f(target), f(valid), f(bias),
           indices[:iters], sched)
-  kw = dict(kind=kind, activation=activation, trace=trace, every=int(progress_every))
-  if iters * (w.size + x[:indices.shape[1]].size) < EAGER_BELOW:   # cheaper than compiling
-    with jax.disable_jit():
-      a, losses, hist = _optimise_impl(*args, **kw)
-  else:
-    a, losses, hist = _optimise(*args, **kw)
+  a, losses, hist = _optimise(*args, kind=kind, activation=activation, trace=trace,
+                              every=int(progress_every))
   w_hard = soft_weight(w_floor, (a >= 0).astype(jnp.float32), scale, zero_point, q_min, q_max)
   out = dict(alpha=a, w_hard=w_hard, loss=losses, a0=a0)
   if trace:
@@ -292,6 +286,52 @@ def forward_layers(model, variables, inputs) -> list:
   return calls
 
 
+def _tap_all(model, layers: tuple):
+  """run(variables, inputs) -> [(x, y) of each layer]: the floating-point model with a tap on
+  every layer's call (a LayerNorm's input normalised as the module does)."""
+  fp = model.clone(quant=None)
+  wanted = set(layers)
+
+  def run(variables, inputs):
+    rec = {}
+
+    def tap(next_fun, args, kwargs, ctx):
+      out = next_fun(*args, **kwargs)
+      layer = _as_layer(ctx, args, kwargs)
+      if layer in wanted and layer not in rec:
+        x = args[0] if args else next(iter(kwargs.values()))
+        if layer.kind == 'ln':
+          xf = x.astype(jnp.float32)
+          mu = jnp.mean(xf, axis=-1, keepdims=True)
+          var = jnp.mean(jnp.square(xf - mu), axis=-1, keepdims=True)
+          x = (xf - mu) * jax.lax.rsqrt(var + layer.eps)
+        elif layer.kind == 'dense':
+          x = x.astype(jnp.float32)
+        rec[layer] = (x, (out[0] if isinstance(out, tuple) else out).astype(jnp.float32))
+      return out
+
+    with nn.intercept_methods(tap):
+      fp.apply(variables, **inputs)
+    return [rec[l] for l in layers]
+  return run
+
+
+@functools.lru_cache(maxsize=16)
+def _select_fn(model, layers: tuple, members: tuple):
+  """jit(variables, inputs, k) -> the (x, y) of layers[members[k]] (one compiled function for a
+  group of layers with equal shapes; cached per model)."""
+  run = _tap_all(model, layers)
+
+  def select(variables, inputs, k):
+    rec = run(variables, inputs)
+    pairs = tuple(rec[i] for i in members)
+    if len(pairs) == 1:
+      return pairs[0]
+    return jax.lax.switch(k, [functools.partial(lambda j, p: p[j], j)
+                              for j in range(len(pairs))], pairs)
+  return jax.jit(select)
+
+
 class Capture:
   """The input and output of any layer in the floating-point model run with given variables
   (a LayerNorm's input normalised): capture(variables, inputs, layer) -> (x, y). One compiled
@@ -299,51 +339,16 @@ class Capture:
   dynamic index, so a model compiles a handful of functions, not one per layer."""
 
   def __init__(self, model, layers, variables, inputs):
-    fp = model.clone(quant=None)
-    wanted = set(layers)
-
-    def run(variables, inputs):
-      rec = {}
-
-      def tap(next_fun, args, kwargs, ctx):
-        out = next_fun(*args, **kwargs)
-        layer = _as_layer(ctx, args, kwargs)
-        if layer in wanted and layer not in rec:
-          x = args[0] if args else next(iter(kwargs.values()))
-          if layer.kind == 'ln':
-            xf = x.astype(jnp.float32)
-            mu = jnp.mean(xf, axis=-1, keepdims=True)
-            var = jnp.mean(jnp.square(xf - mu), axis=-1, keepdims=True)
-            x = (xf - mu) * jax.lax.rsqrt(var + layer.eps)
-          elif layer.kind == 'dense':
-            x = x.astype(jnp.float32)
-          rec[layer] = (x, (out[0] if isinstance(out, tuple) else out).astype(jnp.float32))
-        return out
-
-      with nn.intercept_methods(tap):
-        fp.apply(variables, **inputs)
-      return [rec[l] for l in order]
-
-    order = list(layers)
-    shapes = dict(zip(order, jax.eval_shape(run, variables, inputs)))
+    layers = tuple(layers)
+    shapes = jax.eval_shape(_tap_all(model, layers), variables, inputs)
     groups: dict = {}
-    for layer in layers:
-      x, y = shapes[layer]
-      groups.setdefault((x.shape, str(x.dtype), y.shape), []).append(layer)
+    for i, (x, y) in enumerate(shapes):
+      groups.setdefault((x.shape, str(x.dtype), y.shape), []).append(i)
     self._where = {}
     for members in groups.values():
-      fn = jax.jit(functools.partial(self._select, run, tuple(order.index(l) for l in members)))
-      for k, layer in enumerate(members):
-        self._where[layer] = (fn, k)
-
-  @staticmethod
-  def _select(run, members, variables, inputs, k):
-    rec = run(variables, inputs)
-    pairs = tuple(rec[i] for i in members)
-    if len(members) == 1:
-      return pairs[0]
-    return jax.lax.switch(k, [functools.partial(lambda j, p: p[j], j) for j in range(len(members))],
-                          pairs)
+      fn = _select_fn(model, layers, tuple(members))
+      for k, i in enumerate(members):
+        self._where[layers[i]] = (fn, k)
 
   def __call__(self, variables, inputs, layer):
     fn, k = self._where[layer]
