@@ -53,28 +53,29 @@ def data():
 
 def test_matches_bitsandbytes_linear8bitlt(data):
   x, w, b = data
-  fn = li.llm_int8_matmul
-  for bias in (None, b):
-    lin = bnb_linear(w, bias)
-    with torch.no_grad():
-      ref = lin(torch.tensor(x)).numpy().astype(np.float64)
-    assert sorted(lin.state.idx.tolist()) == [5, 20, 33, 41]
-    y, cols = fn(x, w, THRESHOLD, return_outliers=True, bias=bias)
-    assert sorted(np.flatnonzero(np.asarray(cols))) == [5, 20, 33, 41]
-    # 1/127^2 as the CUDA kernel; bitsandbytes' CPU op multiplies by 6.200124e-05.
-    assert rel_err(y, ref) < 1e-4
-    assert rel_err(fn(x, w, THRESHOLD, bias=bias,
-                      dequant_const=li.DEFAULT_OP_DEQUANT_CONST), ref) < 1e-6
+  fn = jax.jit(li.llm_int8_matmul, static_argnames='return_outliers')
+  lin = bnb_linear(w, b)
+  with torch.no_grad():
+    ref = lin(torch.tensor(x)).numpy().astype(np.float64)
+  assert sorted(lin.state.idx.tolist()) == [5, 20, 33, 41]
+  y, cols = fn(x, w, THRESHOLD, return_outliers=True, bias=b)
+  assert sorted(np.flatnonzero(np.asarray(cols))) == [5, 20, 33, 41]
+  # 1/127^2 as the CUDA kernel; bitsandbytes' CPU op multiplies by 6.200124e-05.
+  assert rel_err(y, ref) < 1e-4
+  assert rel_err(fn(x, w, THRESHOLD, return_outliers=True, bias=b,
+                    dequant_const=li.DEFAULT_OP_DEQUANT_CONST)[0], ref) < 1e-6
   # The same from the stored int8 codes; and the test can fail: FP weights in the outlier part,
   # or the row scale taken after zeroing whole outlier columns, are visibly different.
   codes, absmax = li.quantize_weight(w)
-  assert rel_err(li.llm_int8_matmul(x, codes, THRESHOLD, w_absmax=absmax, bias=b), ref) < 1e-4
+  assert rel_err(fn(x, codes, THRESHOLD, return_outliers=True, w_absmax=absmax, bias=b)[0],
+                 ref) < 1e-4
   x2 = x.reshape(-1, 64).astype(np.float64)
   c = np.isin(np.arange(64), [5, 20, 33, 41])
-  fp_outliers = (np.asarray(li.llm_int8_matmul(np.where(c, 0, x), w, THRESHOLD, bias=b))
+  x_in = np.where(c, 0, x).astype(np.float32)
+  fp_outliers = (np.asarray(fn(x_in, w, THRESHOLD, return_outliers=True, bias=b)[0])
                  .reshape(-1, 48) + np.where(c, x2, 0) @ w)
   assert rel_err(fp_outliers, ref.reshape(-1, 48)) > 1e-4
-  col_scale = (np.asarray(li.llm_int8_matmul(np.where(c, 0, x), w, np.inf, bias=b)).reshape(-1, 48)
+  col_scale = (np.asarray(fn(x_in, w, np.inf, return_outliers=True, bias=b)[0]).reshape(-1, 48)
                + np.where(c, x2, 0) @ np.asarray(li.dequantize_weight(codes, absmax)))
   assert rel_err(col_scale, ref.reshape(-1, 48)) > 1e-4
 
@@ -161,40 +162,41 @@ def _to_bnb(tmodel, keys):
 
 
 def test_whole_model_vs_transformers_bitsandbytes(hf_models):
-  """A tiny OPT (LM head tied: FP in both) against transformers' model converted with
-  bitsandbytes, on the same checkpoint."""
+  """A tiny OPT against transformers' model converted with bitsandbytes, on the same checkpoint:
+  as the integration decides (the tied LM head FP) and with the head converted too
+  (llm_int8_skip_modules=[] there, keep_head_fp=False here)."""
   from transformers.quantizers.base import get_keys_to_not_convert
   (cls, path, model, variables), ids, mask = hf_models[0]['opt'], *hf_models[1:]
-  tmodel = cls.from_pretrained(path, attn_implementation='eager').eval()
   inputs = dict(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask))
   valid = mask.astype(bool)
+  tmodel = cls.from_pretrained(path, attn_implementation='eager').eval()
   with torch.no_grad():
     fp = tmodel(**inputs).logits.numpy()[valid]
     ref = _to_bnb(tmodel, get_keys_to_not_convert(tmodel))(**inputs).logits.numpy()[valid]
-  assert type(tmodel.lm_head) is torch.nn.Linear
-  int8_mods = [m for m in tmodel.modules() if isinstance(m, bnb.nn.Linear8bitLt)]
-  assert any(len(m.state.idx) for m in int8_mods)    # the planted dims are outliers
-  qmodel, qvars = li.llm_int8(model, variables, THRESHOLD,
-                              dequant_const=li.DEFAULT_OP_DEQUANT_CONST)
+    assert type(tmodel.lm_head) is torch.nn.Linear
+    int8_mods = [m for m in tmodel.modules() if isinstance(m, bnb.nn.Linear8bitLt)]
+    assert any(len(m.state.idx) for m in int8_mods)    # the planted dims are outliers
+    tmodel = _to_bnb(cls.from_pretrained(path, attn_implementation='eager'), [])
+    assert isinstance(tmodel.lm_head, bnb.nn.Linear8bitLt)
+    assert type(tmodel.model.decoder.embed_tokens) is torch.nn.Embedding
+    ref_head = tmodel(**inputs).logits.numpy()[valid]
+  _, qvars = li.llm_int8(model, variables, THRESHOLD)
   int8_leaves = [l for l in jax.tree_util.tree_leaves(qvars['params']) if l.dtype == jnp.int8]
   assert len(int8_leaves) == len(int8_mods) == 12
-  y = np.asarray(jax.jit(lambda v: qmodel.apply(v, ids, attention_mask=mask).logits)(qvars))
-  # Bit for bit but for float32 summation order. (With the default 1/127^2 of the CUDA kernel,
-  # 1.8e-5 below the CPU op's constant, a few codes of later layers round the other way: ~2e-3.)
-  assert rel_err(y[valid], ref) < 1e-5 and rel_err(fp, ref) > 1e-3
-  # keep_head_fp=False: the tied LM head converted too (transformers: llm_int8_skip_modules=[]).
-  tmodel = _to_bnb(cls.from_pretrained(path, attn_implementation='eager'), [])
-  assert isinstance(tmodel.lm_head, bnb.nn.Linear8bitLt)
-  assert type(tmodel.model.decoder.embed_tokens) is torch.nn.Embedding
-  with torch.no_grad():
-    ref = tmodel(**inputs).logits.numpy()[valid]
+  assert 'embed_tokens' not in qvars[weight_int8.SCALES]            # the head stays FP
   qmodel, qv2 = li.llm_int8(model, variables, THRESHOLD, keep_head_fp=False,
                             dequant_const=li.DEFAULT_OP_DEQUANT_CONST)
   head = qv2[weight_int8.SCALES]['embed_tokens']
   assert head[li.HEAD_CODES].dtype == jnp.int8 and head[li.HEAD_CODES].shape == (32, 96)
   assert weight_int8.param_bytes(qv2) == weight_int8.param_bytes(qvars) + 96 * 32 + 96 * 4
-  y = np.asarray(jax.jit(lambda v: qmodel.apply(v, ids, attention_mask=mask).logits)(qv2))
-  assert rel_err(y[valid], ref) < 1e-5
+  out = jax.jit(lambda v: qmodel.apply(v, ids, attention_mask=mask))(qv2)
+  # Bit for bit but for float32 summation order. (With the default 1/127^2 of the CUDA kernel,
+  # 1.8e-5 below the CPU op's constant, a few codes of later layers round the other way: ~2e-3.)
+  assert rel_err(np.asarray(out.logits)[valid], ref_head) < 1e-5
+  # The same body with the FP head (the layers do not depend on the head's setting).
+  h = np.asarray(out.last_hidden_state, np.float64)[valid]
+  y = h @ np.asarray(variables['params']['embed_tokens']['embedding'], np.float64).T
+  assert rel_err(y, ref) < 1e-5 and rel_err(fp, ref) > 1e-3
 
 
 def test_converted_modules_as_transformers(hf_models):
