@@ -1,0 +1,1 @@
+"""Checkpoint-conversion configs (configs/convert/common.py)."""
