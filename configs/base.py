@@ -152,4 +152,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.init_from = ''                 # start from: HF dir / hub name, or a train.py workdir (hf/ or checkpoints/); '' = random init
   c.num_train_epochs = -1.0        # > 0: num_train_steps = epochs x ceil(train examples / batch), resolved at run time
   c.warmup_ratio = -1.0            # >= 0: warmup_steps = ratio x num_train_steps (resolved at run time)
+  # 'lm' (the head's loss) | 'distill' (MSE of the final hidden states to the frozen init_from
+  # checkpoint's, over non-padding tokens: converting a checkpoint into an attention variant)
+  c.loss = 'lm'
+  c.distill_mlm_weight = 0.0       # loss='distill' with an MLM head: + this x the masked tokens' CE
   return c

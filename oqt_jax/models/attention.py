@@ -233,6 +233,7 @@ class MultiHeadAttention(nn.Module):
     probs = constrain(probs, SCORE_AXES)
     if not self.is_initializing() and self.is_mutable_collection('attention'):
       self.sow('attention', 'probs', probs)   # apply(..., mutable=['attention']) reads them
+      self.sow('attention', 'values', value)  # (B, H, T, d_head): oqt_jax/evaluate/analysis.py
     probs = qact(q, self, f'p{i}', probs, s_mask)
     probs = Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
     context = constrain(jnp.einsum('bhqk,bhkd->bhqd', probs.astype(value.dtype), value,

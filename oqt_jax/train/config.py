@@ -88,12 +88,22 @@ def validate_train_config(config) -> None:
   validate_mesh_config(_get(config, 'mesh'))
 
 
+LOSSES = ('lm', 'distill')
+
+
 def validate_finetune_config(config) -> None:
   """init_from (a string), num_train_epochs (> 0 or <= 0 = off), warmup_ratio (< 0 = off, else
   in [0, 1])."""
   init = _get(config, 'init_from', '')
   if not isinstance(init, str):
     _bad('init_from', init, 'must be a path, hub name or empty')
+  loss = _get(config, 'loss', 'lm')
+  if loss not in LOSSES:
+    _bad('loss', loss, f'expected one of {LOSSES}')
+  if loss == 'distill' and not init:
+    _bad('loss', loss, 'needs init_from (the teacher is the init_from checkpoint)')
+  if _float(config, 'distill_mlm_weight', default=0.0) < 0:
+    _bad('distill_mlm_weight', _get(config, 'distill_mlm_weight'), 'must be >= 0')
   _float(config, 'num_train_epochs', default=-1.0)
   ratio = _float(config, 'warmup_ratio', default=-1.0)
   if ratio > 1.0:

@@ -30,6 +30,7 @@ from oqt_jax.config import prepare_workdir, validate
 from oqt_jax.train.config import check_batch_fit
 from oqt_jax.train.evaluation import evaluate
 from oqt_jax.train import init_from as init_lib
+from oqt_jax.train import losses
 from oqt_jax.train.metrics import MetricWriter
 from oqt_jax.train.guards import (NonFiniteMonitor, check_batch, nonfinite_leaves,
                                   window_record)
@@ -217,10 +218,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   config = resolve_config(config, tokenizer)
   mcfg = models.from_config(config.model)
   head = mcfg.resolved_head
-  if head not in TRAIN_HEADS:
+  if head not in TRAIN_HEADS and config.get('loss', 'lm') != 'distill':   # distill: any head
     raise ConfigError(f'model.head={config.model.head!r}: nothing to train (expected one of '
                       f'{TRAIN_HEADS} or auto)')
   model = models.build(mcfg)
+  # config.loss='distill': the init_from checkpoint, frozen, is the teacher (also on resume).
+  teacher = (losses.make_teacher(mcfg, init_params)
+             if config.get('loss', 'lm') == 'distill' else None)
   train_ds = data.build_dataset(config, tokenizer, 'train', workdir=workdir)
   eval_ds = None
   if config.eval_every_steps or config.num_eval_batches:
@@ -297,10 +301,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       hb = host_batch(train_ds, step, global_rows, accum)
       check_batch(hb, mcfg.vocab_size, mcfg.max_position_embeddings,
                   where=f'train batch of step {step + 1}')
+      if teacher is not None:
+        hb['teacher_hidden'] = teacher(hb)
       if train_step is None:
         batch_keys = tuple(sorted(hb))
         train_step = make_train_step(qat.quantized_model(model, config) if qat_on else model,
-                                     head, schedule, shardings, mesh, batch_keys)
+                                     head, schedule, shardings, mesh, batch_keys,
+                                     distill_mlm_weight=float(config.get('distill_mlm_weight',
+                                                                         0.0)))
       step_tokens = int(hb['attention_mask'].sum()) * jax.process_count()
       state, m = train_step(state, device_batch(hb, mesh, global_rows))
       pending.append(m)

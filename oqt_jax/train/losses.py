@@ -460,3 +460,53 @@ def train_loss(model, head: str, out, params, batch: Mapping[str, jax.Array]):
                             batch['labels'], batch.get('attention_mask'),
                             dtype=dtype_of(cfg.dtype))
   return loss_for_head(head, out.logits, batch)
+
+
+# ------------------------------------------------------------------ distillation
+def distill_loss(hidden, teacher_hidden, attention_mask, mlm=None, mlm_weight: float = 0.0):
+  """(sum, count) of the distillation objective (config.loss='distill'): per non-padding token
+  the mean over features of (student - teacher)^2 of the final hidden states, summed, over the
+  number of such tokens; with `mlm` = (logits, labels) and mlm_weight > 0 the masked tokens'
+  cross-entropy times mlm_weight is added to the sum (same count)."""
+  w = attention_mask.astype(jnp.float32)
+  d = hidden.astype(jnp.float32) - jax.lax.stop_gradient(teacher_hidden.astype(jnp.float32))
+  s = jnp.sum(jnp.mean(d * d, axis=-1) * w)
+  if mlm is not None and mlm_weight > 0:
+    ce, _ = mlm_loss(mlm[0], mlm[1], attention_mask)
+    s = s + mlm_weight * ce
+  return s, jnp.sum(w)
+
+
+VARIANT_PARAMS = ('gate', 'sink')   # attention-variant parameters a vanilla teacher lacks
+
+
+def make_teacher(mcfg, params):
+  """The frozen teacher of config.loss='distill': the `init_from` checkpoint's function (the
+  model with vanilla attention, no gates, float32) with `params` (the checkpoint's, the
+  variant's extra parameters left out). Returns host_batch -> (A, B, T, D) float32 numpy final
+  hidden states, one deterministic forward per micro-batch."""
+  import numpy as np
+  from oqt_jax import models
+  tcfg = mcfg.replace(softmax='vanilla', alpha=-1.0, gate='none', gate_mlp=False,
+                      gate_mlp2=False, gate_linear_all_features=False, fine_tuning=False,
+                      dtype='float32')
+  teacher = models.build(tcfg)
+
+  def strip(tree):
+    if not isinstance(tree, Mapping):
+      return tree
+    return {k: strip(v) for k, v in tree.items() if k not in VARIANT_PARAMS}
+  tparams = jax.device_get(strip(params))
+  keys = ('input_ids', 'attention_mask', 'token_type_ids')
+  keys = keys if tcfg.model_type == 'bert' else keys[:2]
+
+  @jax.jit
+  def forward(p, inputs):
+    return teacher.apply({'params': p}, **inputs, deterministic=True).last_hidden_state
+
+  def run(hb):
+    outs = [np.asarray(forward(tparams, {k: hb[k][a] for k in keys if k in hb}),
+                       dtype=np.float32) for a in range(hb['input_ids'].shape[0])]
+    return np.stack(outs)
+  run.model, run.params = teacher, tparams
+  return run

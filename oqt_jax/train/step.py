@@ -29,7 +29,8 @@ def model_inputs(batch: Mapping[str, Any], model_type: str) -> dict:
 
 def loss_sum_fn(apply_fn: Callable, head: str, model_type: str, params, batch, *,
                 deterministic: bool, dropout_rng=None, quant=None,
-                model: nn.Module | None = None, update_quant: bool = False):
+                model: nn.Module | None = None, update_quant: bool = False,
+                distill_mlm_weight: float = 0.0):
   """(sum, count) of the head's loss on one (micro-)batch (`quant`: QAT's 'quant' collection;
   given `model`, the training fast path of losses.train_loss: same value and gradient, less
   work). update_quant: the collection is mutable (QAT re-estimating its ranges) and
@@ -42,7 +43,11 @@ def loss_sum_fn(apply_fn: Callable, head: str, model_type: str, params, batch, *
   new_quant = None
   if update_quant:
     out, new_quant = out[0], out[1]['quant']
-  if model is not None:
+  if 'teacher_hidden' in batch:   # config.loss='distill': the frozen teacher's final states
+    mlm = (out.logits, batch['labels']) if head == 'mlm' and distill_mlm_weight > 0 else None
+    res = losses.distill_loss(out.last_hidden_state, batch['teacher_hidden'],
+                              batch['attention_mask'], mlm, distill_mlm_weight)
+  elif model is not None:
     res = losses.train_loss(model, head, out, params, batch)
   else:
     res = losses.loss_for_head(head, out.logits, batch)
@@ -71,7 +76,8 @@ def keep_if_not_finite(finite, new, old):
 
 
 def make_train_step(model: nn.Module, head: str, schedule: optax.Schedule,
-                    shardings: TrainState, mesh: Mesh, batch_keys, donate: bool = True):
+                    shardings: TrainState, mesh: Mesh, batch_keys, donate: bool = True,
+                    distill_mlm_weight: float = 0.0):
   """jit(train_step)(state, batch) -> (state, metrics) with in/out shardings, state donated.
   The model's activation constraints are traced under `mesh` and the logical-axis rules.
 
@@ -97,7 +103,8 @@ def make_train_step(model: nn.Module, head: str, schedule: optax.Schedule,
     def f(p, r):
       out = loss_sum_fn(apply_fn, head, model_type, p, mb, deterministic=False,
                         dropout_rng=rng, quant=None if quant is None else qat.merge(quant, r),
-                        model=model, update_quant=estimate)
+                        model=model, update_quant=estimate,
+                        distill_mlm_weight=distill_mlm_weight)
       return out[0], (out[1], out[2] if estimate else quant)
     (s, (c, new_q)), (g, gr) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(params,
                                                                                   ranges)
@@ -170,8 +177,9 @@ def make_train_step(model: nn.Module, head: str, schedule: optax.Schedule,
                          quant_opt_state=ropt)
 
   # (A, B, T) token arrays; a classification head's labels are (A, B).
-  bshard = {k: shd.batch_sharding(mesh, 2 if (k == 'labels' and head == 'cls') else 3,
-                                  batch_dim=1) for k in batch_keys}
+  # config.loss='distill': 'teacher_hidden' (A, B, T, D).
+  ndim = lambda k: 2 if (k == 'labels' and head == 'cls') else 4 if k == 'teacher_hidden' else 3
+  bshard = {k: shd.batch_sharding(mesh, ndim(k), batch_dim=1) for k in batch_keys}
   rep = shd.replicated(mesh)
   return jax.jit(train_step, in_shardings=(shardings, bshard),
                  out_shardings=(shardings, rep), donate_argnums=(0,) if donate else ())
