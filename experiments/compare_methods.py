@@ -209,6 +209,7 @@ def main(argv=None) -> int:
   print(f'{path}: {model.cfg.model_type}, {model.cfg.num_layers} layers, hidden '
         f'{model.cfg.hidden_size}; {len(plan)} rows; {args.sentences} sentences evaluated, '
         f'{args.calib} calibrate; overrides {overrides or "none"}', file=sys.stderr, flush=True)
+  write = _writer(args, path, name, overrides)
   rows = []
   for mname, setting in plan:
     row = dict(name=mname, setting=setting, label=mname)
@@ -232,19 +233,27 @@ def main(argv=None) -> int:
     print(f'  {mname:<20} {setting:<8} ' + (f'cosine {row["cosine"]:.4f}  '
           f'{row["seconds"]:.1f} s' if 'cosine' in row else row['error']),
           file=sys.stderr, flush=True)
-  report = dict(model=os.path.basename(os.path.normpath(path)) if args.hf_model else
+    write(rows, done=False)
+  return write(rows, done=True)
+
+
+def _writer(args, path, name, overrides):
+  def write(rows, done):
+    report = dict(model=os.path.basename(os.path.normpath(path)) if args.hf_model else
                 ('tiny random BERT' if args.smoke else 'all-MiniLM-L6-v2'),
                 sentences=args.sentences, calibration_sentences=args.calib,
                 batch_size=BATCH, max_length=MAX_LEN, setting=args.setting,
-                overrides=overrides, rows=rows)
-  os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, f'{name}.json'), 'w') as fh:
-    json.dump(report, fh, indent=1, sort_keys=True)
-  table = fmt_md(report)
-  with open(os.path.join(args.out, f'{name}.md'), 'w') as fh:
-    fh.write(table + '\n')
-  print(table)
-  return 0
+                overrides=overrides, complete=done, rows=rows)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, f'{name}.json'), 'w') as fh:
+      json.dump(report, fh, indent=1, sort_keys=True)
+    table = fmt_md(report)
+    with open(os.path.join(args.out, f'{name}.md'), 'w') as fh:
+      fh.write(table + '\n')
+    if done:
+      print(table)
+    return 0
+  return write
 
 
 if __name__ == '__main__':
