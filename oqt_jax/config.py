@@ -196,6 +196,10 @@ def parse_cli_flags(argv: Sequence[str], flag_values=None, config_flag: str = 'c
   traceback. Use as `app.run(main, flags_parser=parse_cli_flags)`."""
   from absl import flags
   fv = flag_values if flag_values is not None else flags.FLAGS
+  # ml_collections loads the file as module '<flag>_config' with SourceFileLoader.load_module,
+  # which executes it into an existing module of that name: drop one left by an earlier parse
+  # in this process, or its get_config() would survive a file that defines none.
+  sys.modules.pop(f'{config_flag}_config', None)
   for flag, path in _flag_values(argv, config_flag):
     if flag == config_flag:
       file = path.split(':', 1)[0]
