@@ -269,8 +269,7 @@ def test_quant_settings_that_fail_on_the_model_are_checked_first(tiny):
 # ---------------------------------------------------------------- methods and GLUE fields
 def _method_names():
   from oqt_jax.quant import methods
-  return sorted(n for n in (methods.names() if hasattr(methods, 'names')
-                            else methods.METHODS) if n)
+  return sorted(n for n in methods.names() if n)
 
 
 def _misspelt(name):
@@ -301,7 +300,7 @@ def test_quant_method_and_bits_validate_or_name_the_field(method, n_bits, n_bits
       for known in _method_names():
         assert known in str(e), (known, str(e))
     return
-  assert method in methods.METHODS
+  assert method == '' or method in methods.names()
   assert 2 <= n_bits <= 16 and (2 <= n_bits_act <= 16 or n_bits_act == 32)
 
 

@@ -318,6 +318,3 @@ def llm_int8_method(model, variables, batches=None, qcfg=None, progress=False):
   return llm_int8(model, variables, float(get('llm_int8_threshold', DEFAULT_THRESHOLD)),
                   keep_head_fp=bool(get('llm_int8_keep_head_fp', True)),
                   ignore_padding=bool(get('llm_int8_ignore_padding', False)))
-
-
-METHODS = {'llm_int8': llm_int8_method, 'weight_only': weight_int8.weight_only_method}
