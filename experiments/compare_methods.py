@@ -18,7 +18,9 @@ Every method of oqt_jax.quant.methods runs through `methods.run` in each --setti
 quantized, the method applied). Columns:
   cosine        mean over sentences of the cosine between the mean-pooled (attention mask)
                 final hidden states of the quantized model and of FP (the sentence embedding);
-  max inf norm  the largest |value| of any layer's output (hidden states) on valid tokens;
+  max inf norm  as eval.py reports it: per layer the FFN output (before the residual), max
+                |value| over each sentence's valid tokens, averaged over sentences; the
+                largest layer (the outlier-free paper's figure);
   model bytes   evaluate.comparison.model_bytes (stored bytes for int8-stored weights);
   seconds       wall time of the method (calibration / transform, compilation included).
 Writes OUT/minilm.json and OUT/minilm.md (OUT/smoke.* with --smoke: a tiny random BERT made
@@ -119,25 +121,27 @@ def batches_of(tok, texts: list[str]) -> list[dict]:
 
 
 def embed(model, variables, batches):
-  """(mean-pooled final hidden states (N, H), max |layer output| on valid tokens)."""
+  """(mean-pooled final hidden states (N, H), max inf norm): the inf norm as eval.py measures
+  it (evaluate.outliers: per layer the paper's tensor, BERT's FFN output before the residual,
+  max |x| over each sequence's valid tokens averaged over sequences; the largest layer)."""
   import jax
+  from oqt_jax.evaluate import outliers
   from oqt_jax.quant.calibrate import model_inputs
 
   @jax.jit
   def fwd(v, inputs):
-    o = model.apply(v, **inputs)
-    return o.last_hidden_state, o.hidden_states
+    return model.apply(v, **inputs).last_hidden_state
 
-  embs, inf = [], 0.0
+  step = outliers.make_eval_step(model, return_tensors=False)
+  embs, acc = [], None
   for b in batches:
-    h, hs = fwd(variables, model_inputs(model, b))
+    h = np.asarray(fwd(variables, model_inputs(model, b)), np.float32)
     m = np.asarray(b['attention_mask'], np.float32)[..., None]
-    h = np.asarray(h, np.float32)
     embs.append((h * m).sum(1) / np.maximum(m.sum(1), 1.0))
-    layers = list(hs) if hs is not None else [h]
-    for x in layers[1:] if len(layers) > 1 else layers:
-      inf = max(inf, float(np.max(np.abs(np.asarray(x, np.float32)) * m)))
-  return np.concatenate(embs), inf
+    sums, _ = step(variables, {k: np.asarray(v) for k, v in b.items()})
+    acc = outliers.accumulate(acc, sums)
+  stats = outliers.finalize(acc, model.cfg.model_type, model.cfg.num_layers)
+  return np.concatenate(embs), stats['max_inf_norm']
 
 
 def cosine(a, b) -> float:
