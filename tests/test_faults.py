@@ -336,7 +336,7 @@ def test_workdir_that_cannot_be_written(tmp_path):
 
 
 # ----------------------------------------------------------------------------- end to end
-KILL_STEPS = 50
+KILL_STEPS = 36
 KILL_RUN = dict(num_train_steps=KILL_STEPS, checkpoint_every_steps=2, keep_checkpoints=3,
                 export_hf=True)
 
@@ -366,7 +366,7 @@ def test_sigkill_at_random_steps_and_full_disk_reproduce_the_run(tmp_path, seed_
   testing.seed_workdir(seed_dir, str(workdir))
   rng = random.Random(7)
   kills = []
-  while len(kills) < 5:
+  while len(kills) < 3:
     target = max(_losses(workdir), default=0) + rng.randint(2, 5)
     rc, err = _kill_at(workdir, env, target)
     assert rc == -signal.SIGKILL, err[-3000:]
@@ -392,4 +392,4 @@ def test_sigkill_at_random_steps_and_full_disk_reproduce_the_run(tmp_path, seed_
       (ref / 'hf' / 'model.safetensors').read_bytes()
   resumes = [r for r in metrics.read_metrics(str(workdir), kind='event').values()
              if r.get('event') == 'resume']
-  assert len(resumes) >= 5
+  assert len(resumes) >= 3
