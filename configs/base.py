@@ -40,6 +40,7 @@ def model_defaults() -> ml_collections.ConfigDict:
   m.gate_linear_all_features = False
   m.gate_init = 0.5
   m.fine_tuning = False
+  m.gate_last_init_std = -1.0     # fine_tuning: std of the gate's last Linear (-1: BERT 0.01 / OPT 0.001; 0: exact identity start)
   # Numerics.
   m.dtype = 'float32'              # compute dtype: 'float32' | 'bfloat16'
   # 'torch_default': attention (BERT q/k/v, OPT q/k/v/out_proj) and gate Linears start as

@@ -56,14 +56,21 @@ def test_gated_fine_tuning_start_is_the_teacher(tiny_bert):
   with torch.no_grad():
     hf_out = ref(**{k: torch.as_tensor(v) for k, v in x.items()}).last_hidden_state.numpy()
   assert np.abs(want - hf_out)[mask].max() < 1e-5
-  # Gate weights exactly zero: pi = sigmoid(logit(gate_init)) / gate_init = 1, the identity.
-  p0 = jax.tree_util.tree_map_with_path(
-      lambda path, v: np.zeros_like(v) if 'kernel2' in jax.tree_util.keystr(path) else v,
-      params)
-  assert np.abs(run(p0) - want)[mask].max() < 1e-5
-  # The original's init (N(0, 0.01) gate weights): pi = 1 + O(1e-4), the function nearly kept.
-  d = np.abs(run(params) - want)[mask].max()
-  assert d < 1e-3, d
+  # The conversion config's start (the gate's last Linear zero): pi / gate_init = 1, the
+  # checkpoint's function, as initialised by the run itself.
+  last = [v for k, v in jax.tree_util.tree_flatten_with_path(params)[0]
+          if 'kernel2' in jax.tree_util.keystr(k)]
+  assert len(last) == mcfg.num_layers and all(np.all(np.asarray(v) == 0) for v in last)
+  assert np.abs(run(params) - want)[mask].max() < 1e-5
+  # The original's init (every gate weight N(0, 0.01)): pi = 1 + O(1e-4), nearly kept.
+  cfg.model.gate_last_init_std = -1.0
+  cfg2, params2 = init_lib.load_init(cfg, None)
+  last = [v for k, v in jax.tree_util.tree_flatten_with_path(params2)[0]
+          if 'kernel2' in jax.tree_util.keystr(k)]
+  assert 0.005 < float(np.std(np.concatenate([np.ravel(v) for v in last]))) < 0.02
+  d = np.abs(np.asarray(models.build(models.from_config(cfg2.model)).apply(
+      {'params': params2}, **x, deterministic=True).last_hidden_state) - want)[mask].max()
+  assert 1e-7 < d < 1e-3, d
 
 
 def _params(workdir):

@@ -5,8 +5,9 @@ variant's attention switched on; the teacher is that checkpoint, frozen (config.
 'distill': MSE of the final hidden states over non-padding tokens). Same data, steps and seed
 for every variant:
   vanilla  the control: the same training without a change of attention;
-  gated    conditional_per_token gates in fine-tuning mode (weights N(0, 0.01) for BERT,
-           0.001 for OPT; sigmoid(logit(gate_init)) / gate_init = 1 at the start), so step 0
+  gated    conditional_per_token gates in fine-tuning mode (hidden weights N(0, 0.01) for
+           BERT, 0.001 for OPT, as the original; the last Linear zero, gate_last_init_std=0,
+           so sigmoid(logit(gate_init)) / gate_init = 1 exactly at the start): step 0
            is the checkpoint's function;
   clipped  clipped softmax (BERT: gamma = -0.025, OPT: alpha 12).
 The budget below fits a 6-layer, 384-wide BERT on a few CPU cores; experiments/convert.py
@@ -29,6 +30,7 @@ def convert(variant: str, model_type: str = 'bert'):
   if variant == 'gated':
     recipes.gated_attention(c)
     m.fine_tuning = True
+    m.gate_last_init_std = 0.0           # exact identity start (the original: N(0, 0.01))
   elif variant == 'clipped':
     recipes.clipped_softmax(c)
   d = c.data

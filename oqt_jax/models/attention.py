@@ -120,6 +120,12 @@ class AttentionGate(nn.Module):
     def w_init(fan_in):
       return torch_linear_init(fan_in) if torch_init and not cfg.fine_tuning else normal_init(w_std)
 
+    def w_last_init(fan_in):   # the Linear that gives the gate logits
+      if cfg.fine_tuning and cfg.gate_last_init_std >= 0.0:
+        return normal_init(cfg.gate_last_init_std) if cfg.gate_last_init_std > 0 \
+            else nn.initializers.zeros
+      return w_init(fan_in)
+
     def b_init(fan_in):   # hidden biases (the last bias is logit(gate_init))
       return torch_linear_init(fan_in) if torch_init else nn.initializers.zeros
 
@@ -132,12 +138,13 @@ class AttentionGate(nn.Module):
     xf = x.astype(jnp.float32)
     if cfg.gate == 'elementwise':     # sigmoid(x W_g + b_g), W_g (d_model, H*d_head)
       dm = x.shape[-1]
-      w = self.param('kernel', part(w_init(dm), ('embed', 'heads')), (dm, h * d), jnp.float32)
+      w = self.param('kernel', part(w_last_init(dm), ('embed', 'heads')), (dm, h * d),
+                     jnp.float32)
       b = self.param('bias', part(bias0, ('heads',)), (h * d,), jnp.float32)
       pi = jax.nn.sigmoid(jnp.einsum('btd,de->bte', xf, w) + b)
       return pi / cfg.gate_init if cfg.fine_tuning else pi
     if cfg.gate_linear_all_features:
-      w = self.param('kernel', part(w_init(x.shape[-1]), ('embed', 'gate')),
+      w = self.param('kernel', part(w_last_init(x.shape[-1]), ('embed', 'gate')),
                      (x.shape[-1], h), jnp.float32)
       b = self.param('bias', part(bias0, ('gate',)), (h,), jnp.float32)
       logits = (jnp.einsum('btd,dh->bht', xf, w) + b[None, :, None])[..., None]
@@ -151,12 +158,12 @@ class AttentionGate(nn.Module):
         w1 = self.param('kernel1', part(w_init(d), ('gate', None, None)), (h, d, d4),
                         jnp.float32)
         b1 = self.param('bias1', part(b_init(d), ('gate', None)), (h, d4), jnp.float32)
-        w2 = self.param('kernel2', part(w_init(d4), ('gate', None)), (h, d4), jnp.float32)
+        w2 = self.param('kernel2', part(w_last_init(d4), ('gate', None)), (h, d4), jnp.float32)
         b2 = self.param('bias2', part(bias0, ('gate',)), (h,), jnp.float32)
         hid = jax.nn.relu(jnp.einsum('btf,fg->btg', xf, block_diagonal(w1)) + b1.reshape(-1))
         logits = jnp.einsum('btg,gh->bth', hid, block_diagonal(w2[..., None])) + b2
       else:
-        w = self.param('kernel', part(w_init(d), ('gate', None)), (h, d), jnp.float32)
+        w = self.param('kernel', part(w_last_init(d), ('gate', None)), (h, d), jnp.float32)
         b = self.param('bias', part(bias0, ('gate',)), (h,), jnp.float32)
         logits = jnp.einsum('btf,fh->bth', xf, block_diagonal(w[..., None])) + b
       logits = jnp.swapaxes(logits, 1, 2)[..., None]      # (B, H, T, 1)

@@ -67,6 +67,9 @@ class ModelConfig:
   gate_linear_all_features: bool = False
   gate_init: float = 0.5
   fine_tuning: bool = False
+  # Fine-tuning mode: std of the gate's last Linear (-1: the original's, BERT 0.01 / OPT 0.001;
+  # 0: pi / gate_init is exactly 1 at the start, the checkpoint's function).
+  gate_last_init_std: float = -1.0
   dtype: str = 'float32'
   attention_init: str = 'normal'
   gate_mlp2: bool = False
@@ -129,6 +132,8 @@ class ModelConfig:
       bad('gate', f'expected one of {GATES}')
     if not 0.0 < self.gate_init < 1.0:
       bad('gate_init', 'must be in (0, 1)')
+    if self.gate_last_init_std != -1.0 and not self.gate_last_init_std >= 0.0:
+      bad('gate_last_init_std', 'expected -1 (the original\'s) or a std >= 0')
     if self.gate_mlp and self.gate_linear_all_features:
       bad('gate_mlp', 'gate_mlp and gate_linear_all_features are exclusive')
     if self.gate_mlp2 and (self.gate_mlp or self.gate_linear_all_features):

@@ -49,7 +49,7 @@ from oqt_jax.models.opt import POSITION_OFFSET, Opt
 log = logging.getLogger(__name__)
 
 VARIANT_FIELDS = ('softmax', 'alpha', 'softmax_T', 'gate', 'gate_mlp', 'gate_linear_all_features',
-                  'gate_init', 'fine_tuning', 'gate_mlp2')
+                  'gate_init', 'fine_tuning', 'gate_mlp2', 'gate_last_init_std')
 ARCH_HEADS = {
     'BertModel': 'none', 'BertForMaskedLM': 'mlm', 'BertForPreTraining': 'mlm',
     'BertForSequenceClassification': 'cls', 'OPTModel': 'none', 'OPTForCausalLM': 'clm',
