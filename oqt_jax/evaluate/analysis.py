@@ -28,7 +28,8 @@ The heads are ranked by no_op_score in `no_op_heads`.
 
 Tensors come from the models' sown collections: 'intermediates' (the outlier tensors) and
 'attention' ('probs' (B, H, T, T) and 'values' (B, H, T, d_head), only filled when the
-collection is asked for).
+collection is asked for). MLM batches are analysed as the text was written: the masked /
+replaced tokens are restored from the labels.
 """
 from __future__ import annotations
 
@@ -90,8 +91,12 @@ def collect(model, variables, batches: Iterable[Mapping[str, Any]]) -> dict[str,
   ids, masks, hid, mass, vn = [], [], [], [], []
   for b in batches:
     inputs = {k: np.asarray(b[k]) for k in MODEL_INPUTS[mtype] if k in b}
+    labels = b.get('labels')
+    if labels is not None and np.shape(labels) == inputs['input_ids'].shape:
+      # MLM batches: the text as written (masked / replaced tokens restored from the labels)
+      inputs['input_ids'] = np.where(np.asarray(labels) != -100, labels, inputs['input_ids'])
     h, m, v = jax.device_get(fwd(inputs))
-    ids.append(np.asarray(b['input_ids']))
+    ids.append(inputs['input_ids'])
     masks.append(np.asarray(b['attention_mask']).astype(bool))
     hid.append(h), mass.append(m), vn.append(v)
   if not ids:
@@ -261,7 +266,7 @@ def analyze_run(config, workdir: Optional[str], *, hf_model: Optional[str] = Non
   val, _ = run_lib.datasets(config, workdir, calib=False)
   tok = data_lib.get_tokenizer(config, workdir)
   res = analyze_model(model, variables, val.eval_batches(bs, nb), tok, workdir,
-                      title=f'{model.cfg.model_type}: {source}', plots_on=plots_on)
+                      title=f'{model.cfg.model_type}: {os.path.basename(str(source).rstrip("/")) or source}', plots_on=plots_on)
   for line in summary_lines(res, res['tensor']):
     print(line)
   print(f'wrote {os.path.join(workdir, "analysis.json")}')
