@@ -1,6 +1,6 @@
 """Quantization methods, one module each, and the one registry of them.
 
-  lsq                  LSQ / LSQ+ quantizers (they live in quant/lsq.py; re-exported here)
+  lsq                  the LSQ / LSQ+ quantizers of oqt_jax.quant.lsq, under their former name
   migration            moving a per-channel factor out of a LayerNorm (Gamma Migration, SmoothQuant)
   outlier_suppression  Gamma Migration, Token-Wise Clipping (Outlier Suppression, NeurIPS 2022)
   smoothquant          SmoothQuant's activation-to-weight scale migration
