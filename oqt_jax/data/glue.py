@@ -405,7 +405,7 @@ def _finite_or_zero(x) -> float:
 
 
 def glue_metrics(task: str, predictions, labels) -> dict[str, float]:
-  """The task's metrics (the GLUE benchmark's, listed in oqt_jax.evaluate.glue) from
+  """The task's metrics (the GLUE benchmark's, listed in oqt_jax/train/glue_eval.py) from
   predictions (class ids, logits (N, C), or regression floats (N,) / (N, 1)) and labels;
   rows with label -100 are ignored.
 
