@@ -11,8 +11,11 @@ from typing import Optional, Sequence
 
 import ml_collections
 
+from oqt_jax.data import validate_data_config
 from oqt_jax.errors import ConfigError
 from oqt_jax.models.config import ModelConfig, from_config
+from oqt_jax.quant import validate_quant_config
+from oqt_jax.train.config import COMPUTE_DTYPES, validate_train_config
 
 
 def load_config_file(path: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
@@ -39,7 +42,6 @@ def load_config_file(path: str, overrides: dict | None = None) -> ml_collections
 
 def model_config(config) -> ModelConfig:
   """The validated ModelConfig of an experiment config (compute dtype from config.compute_dtype)."""
-  from oqt_jax.train.config import COMPUTE_DTYPES
   dt = config.get('compute_dtype', 'float32')
   if dt not in COMPUTE_DTYPES:
     raise ConfigError(f'compute_dtype={dt!r}: expected one of {COMPUTE_DTYPES}')
@@ -106,11 +108,8 @@ def validate(config) -> ml_collections.ConfigDict:
   """Validate every section; raises ConfigError('section.field=value: why') on the first problem."""
   check_types(config)
   model_config(config)
-  for module, fn in (('oqt_jax.data', 'validate_data_config'),
-                     ('oqt_jax.train.config', 'validate_train_config'),
-                     ('oqt_jax.quant', 'validate_quant_config')):
-    mod = importlib.import_module(module)
-    getattr(mod, fn)(config)
+  for validate_section in (validate_data_config, validate_train_config, validate_quant_config):
+    validate_section(config)
   return config
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from oqt_jax import models
+from oqt_jax.models import lm_loss
 from oqt_jax.train import losses
 
 B, T = 4, 32
@@ -220,7 +221,7 @@ def test_eval_lm_loss_by_chunks_equals_the_full_logits_loss(opt, monkeypatch):
   W8A8 with frozen ranges (every point quantized, the LM head and its logits too), equal to the
   loss of the full logits; modes whose quantizers see the whole tensor keep the full head."""
   from oqt_jax import quant
-  monkeypatch.setattr(losses, 'CLM_CHUNK_ROWS', B * T // 4)
+  monkeypatch.setattr(lm_loss, 'CLM_CHUNK_ROWS', B * T // 4)
   model, params = opt
   batch = {k: jnp.asarray(v) for k, v in _clm_batch(3).items()}
   cal = [{k: jnp.asarray(v) for k, v in _clm_batch(s).items()} for s in (4, 5)]

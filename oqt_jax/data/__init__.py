@@ -12,10 +12,10 @@ Every batch is a pure function of (config.seed, step, process_index); see sampli
 from oqt_jax.data.glue import (GLUE_TASKS, GlueDataset, GlueTask, glue_metrics,
                                glue_task_info)
 from oqt_jax.data.lm import IGNORE_INDEX, LMDataset, mlm_mask
-from oqt_jax.data.pipeline import (build_dataset, check_tokenizer, lm_kind, seq_len_field,
-                                   validate_data_config)
+from oqt_jax.data.pipeline import (build_dataset, check_tokenizer, get_tokenizer, lm_kind,
+                                   seq_len_field, validate_data_config)
 from oqt_jax.data.sources import SOURCES, embedded_documents, load_texts
-from oqt_jax.data.tokenizer import (BERT_SPECIAL_TOKENS, OPT_SPECIAL_TOKENS, get_tokenizer,
+from oqt_jax.data.tokenizer import (BERT_SPECIAL_TOKENS, OPT_SPECIAL_TOKENS,
                                     tokenizer_fingerprint, train_tokenizer)
 
 __all__ = [

@@ -18,7 +18,8 @@ import os
 
 import numpy as np
 
-from oqt_jax.data import cache, sampling, sources
+from oqt_jax import hub
+from oqt_jax.data import cache, sampling
 from oqt_jax.data import tokenizer as tokenizer_lib
 from oqt_jax.errors import ConfigError, DataError
 
@@ -279,7 +280,7 @@ def load_glue_split(data_config, split: str):
     return load_local_glue_split(data_config, split)
   name = data_config.get('hub_name', '') or GLUE_HUB_NAME
   field = 'data.hub_name' if data_config.get('hub_name', '') else f'data.glue_task={info.name}'
-  dd = sources.load_hf(name, data_config.get('hub_config', '') or info.name, field,
+  dd = hub.load_hf(name, data_config.get('hub_config', '') or info.name, field,
                        data_config.get('cache_dir', ''))
   want = _split_name(info, split)
   import datasets  # pylint: disable=import-outside-toplevel
@@ -398,7 +399,45 @@ def build_glue_dataset(config, tok, split: str, workdir: str | None = None) -> G
 # --------------------------------------------------------------------------- metrics
 
 
+def _finite_or_zero(x) -> float:
+  x = float(x)
+  return x if np.isfinite(x) else 0.0
+
+
 def glue_metrics(task: str, predictions, labels) -> dict[str, float]:
-  """The task's metrics (scikit-learn / scipy); see oqt_jax.evaluate.glue.glue_metrics."""
-  from oqt_jax.evaluate import glue as glue_eval  # pylint: disable=import-outside-toplevel
-  return glue_eval.glue_metrics(task, predictions, labels)
+  """The task's metrics (the GLUE benchmark's, listed in oqt_jax/train/glue_eval.py) from
+  predictions (class ids, logits (N, C), or regression floats (N,) / (N, 1)) and labels;
+  rows with label -100 are ignored.
+
+  A constant prediction or label column makes Pearson / Spearman / Matthews undefined;
+  they are reported as 0.0 then (scikit-learn's convention for Matthews).
+  """
+  from scipy import stats  # pylint: disable=import-outside-toplevel
+  from sklearn import metrics as skm  # pylint: disable=import-outside-toplevel
+  info = glue_task_info(task)
+  pred = np.asarray(predictions)
+  label = np.asarray(labels)
+  if pred.ndim == 2:
+    pred = pred[:, 0] if info.is_regression else pred.argmax(-1)
+  keep = label != IGNORE_INDEX
+  pred, label = pred[keep], label[keep]
+  out: dict[str, float] = {}
+  if info.is_regression:
+    pred, label = pred.astype(np.float64), label.astype(np.float64)
+    if len(label) < 2 or np.ptp(pred) == 0 or np.ptp(label) == 0:
+      out['pearson'] = out['spearmanr'] = 0.0
+    else:
+      out['pearson'] = _finite_or_zero(stats.pearsonr(pred, label)[0])
+      out['spearmanr'] = _finite_or_zero(stats.spearmanr(pred, label)[0])
+  else:
+    pred, label = pred.astype(np.int64), label.astype(np.int64)
+    out['accuracy'] = float(skm.accuracy_score(label, pred)) if len(label) else 0.0
+    if 'f1' in info.metric_names:
+      out['f1'] = float(skm.f1_score(label, pred, pos_label=1, average='binary',
+                                     zero_division=0.0))
+    if 'matthews_correlation' in info.metric_names:
+      out['matthews_correlation'] = (float(skm.matthews_corrcoef(label, pred))
+                                     if len(label) else 0.0)
+  out['score'] = float(np.mean([out[m] for m in info.metric_names]))
+  out['metric'] = out['score']
+  return out

@@ -1,9 +1,11 @@
-"""`build_dataset` and the checks of `config.data` (one-line ConfigErrors naming the field)."""
+"""From `config.data` to data: its checks (one-line ConfigErrors naming the field),
+`get_tokenizer` and `build_dataset`."""
 from __future__ import annotations
 
 import numbers
 
 from oqt_jax.data import glue, lm, sources, synthetic
+from oqt_jax.data import tokenizer as tokenizer_lib
 from oqt_jax.errors import ConfigError, DataError
 
 MIN_TRAINED_VOCAB = 512  # byte-level BPE needs 256 bytes + specials; BERT's BPE an alphabet
@@ -85,6 +87,16 @@ def validate_data_config(config) -> None:
   for name in ('line_by_line', 'embedded_docstrings'):
     if not isinstance(d.get(name, False), bool):
       raise ConfigError(f'data.{name}={d.get(name)!r}: must be a bool')
+
+
+def get_tokenizer(config, workdir: str | None = None):
+  """The tokenizer of `config` (see oqt_jax/data/tokenizer.py); a PreTrainedTokenizerFast."""
+  validate_data_config(config)
+  d = config.data
+  if not d.get('tokenizer', '') and d.get('source', 'embedded') == 'synthetic':
+    return synthetic.build_tokenizer(d)
+  return tokenizer_lib.load_tokenizer(
+      config, workdir, lambda: sources.iter_lines(sources.load_texts(d, 'train')))
 
 
 def check_tokenizer(config, tok) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import abc
 import functools
+from typing import Mapping
 
 import numpy as np
 
@@ -104,3 +105,23 @@ class IndexedDataset(abc.ABC):
   @abc.abstractmethod
   def _eval_rows(self, indices: np.ndarray, valid: np.ndarray) -> dict:
     """The evaluation batch of these example indices."""
+
+
+# --------------------------------------------------------------------------- eval batches
+BATCH_KEYS = ('input_ids', 'attention_mask', 'token_type_ids', 'labels')
+PAD_VALUES = {'labels': -100}   # labels the losses ignore (IGNORE_INDEX)
+
+
+def pad_batch(batch: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+  """Keep the model/loss keys and pad to `rows` rows (padding rows: mask 0, labels -100)."""
+  out = {}
+  for k in BATCH_KEYS:
+    if k not in batch:
+      continue
+    v = np.asarray(batch[k])
+    n = v.shape[0]
+    if n < rows:
+      pad = np.full((rows - n,) + v.shape[1:], PAD_VALUES.get(k, 0), v.dtype)
+      v = np.concatenate([v, pad], axis=0)
+    out[k] = v
+  return out

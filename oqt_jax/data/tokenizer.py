@@ -1,6 +1,6 @@
 """Tokenizers: a pretrained one by name / folder, or one trained on the corpus and cached.
 
-`get_tokenizer(config, workdir)`:
+`get_tokenizer(config, workdir)` (oqt_jax.data.pipeline; also `oqt_jax.data.get_tokenizer`):
 
 * `config.data.tokenizer` non-empty: `AutoTokenizer.from_pretrained(name)` (hub name or local
   folder, `config.data.cache_dir` as cache).
@@ -29,8 +29,8 @@ import os
 import shutil
 import uuid
 
+from oqt_jax import hub
 from oqt_jax.errors import ConfigError, DataError
-from oqt_jax.data import sources
 
 TOKENIZER_DIR = 'tokenizer'
 STAMP_FILE = 'oqt_tokenizer.json'
@@ -143,14 +143,14 @@ def _check_stamp(path: str, want: dict) -> None:
 
 
 def _load_dir(path: str, field: str, cache_dir: str = ''):
-  why = sources.unreachable_name(path, cache_dir)
+  why = hub.unreachable_name(path, cache_dir)
   if why:
     raise DataError(f"{field}='{path}': {why}")
   from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
   try:
     tok = AutoTokenizer.from_pretrained(path, cache_dir=cache_dir or None)
   except Exception as e:  # pylint: disable=broad-except
-    raise DataError(f"{field}='{path}': cannot load tokenizer ({sources._one_line(e)})") from None  # pylint: disable=protected-access
+    raise DataError(f"{field}='{path}': cannot load tokenizer ({hub.one_line(e)})") from None
   if not getattr(tok, 'is_fast', False):
     raise DataError(f"{field}='{path}': not a fast (Rust) tokenizer")
   if tok.pad_token is None and tok.eos_token is not None:
@@ -158,15 +158,13 @@ def _load_dir(path: str, field: str, cache_dir: str = ''):
   return tok
 
 
-def get_tokenizer(config, workdir: str | None = None):
-  """The tokenizer of `config` (see the module docstring); a PreTrainedTokenizerFast."""
-  from oqt_jax.data import pipeline  # pylint: disable=import-outside-toplevel
-  pipeline.validate_data_config(config)
+def load_tokenizer(config, workdir: str | None, train_lines):
+  """The tokenizer of `config` once config.data is validated (get_tokenizer in
+  oqt_jax.data.pipeline): config.data.tokenizer by name, else the workdir's trained one, else
+  one trained on `train_lines()` (the lines of the train split; called only then) and saved
+  to the workdir."""
   d = config.data
   name = d.get('tokenizer', '')
-  if not name and d.get('source', 'embedded') == 'synthetic':
-    from oqt_jax.data import synthetic  # pylint: disable=import-outside-toplevel
-    return synthetic.build_tokenizer(d)
   if name:
     tok = _load_dir(os.path.expanduser(name), 'data.tokenizer', d.get('cache_dir', ''))
     check_tokenizer(tok, f"data.tokenizer='{name}'")
@@ -179,9 +177,7 @@ def get_tokenizer(config, workdir: str | None = None):
     _check_stamp(path, want)
     return _load_dir(path, 'workdir tokenizer')
 
-  texts = sources.load_texts(d, 'train')
-  tok = train_tokenizer(sources.iter_lines(texts), want['kind'],
-                        want['tokenizer_vocab_size'], max_len)
+  tok = train_tokenizer(train_lines(), want['kind'], want['tokenizer_vocab_size'], max_len)
   if path is None:
     return tok
   # Write to a private folder, then rename: concurrent processes (multi-host) never see a

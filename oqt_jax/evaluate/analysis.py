@@ -41,6 +41,8 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 import jax
 import numpy as np
 
+from oqt_jax import data as data_lib
+from oqt_jax.evaluate import run as run_lib
 from oqt_jax.evaluate.outliers import HEADLINE, MODEL_INPUTS
 
 OUTLIER_SIGMAS = 6.0
@@ -256,8 +258,6 @@ def analyze_run(config, workdir: Optional[str], *, hf_model: Optional[str] = Non
                 num_batches: Optional[int] = None, batch_size: Optional[int] = None,
                 plots_on: bool = True) -> dict[str, Any]:
   """eval.py --analyze: the model of a workdir (or --hf_model) on its validation batches."""
-  from oqt_jax import data as data_lib
-  from oqt_jax.evaluate import run as run_lib
   model, variables, source = run_lib.load_model(config, workdir, hf_model)
   config = run_lib.sync_config(config, model, source)
   config = run_lib._run_tokenizer(config, workdir)  # pylint: disable=protected-access

@@ -39,8 +39,17 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
+from oqt_jax import quant
+from oqt_jax.errors import ConfigError
 from oqt_jax.evaluate import outliers
 from oqt_jax.evaluate import run as run_lib
+from oqt_jax.evaluate.plots import _plt
+from oqt_jax.quant import methods as registry
+from oqt_jax.quant import weight_int8
+from oqt_jax.quant.calibrate import model_inputs, strip
+from oqt_jax.quant.methods import llm_int8
+from oqt_jax.quant.points import Rules
+from oqt_jax.train import glue_eval
 
 MD_FILE = 'comparison.md'
 JSON_FILE = 'comparison.json'
@@ -58,7 +67,6 @@ def _error_text(e: BaseException) -> str:
 
 def _accuracy(model, variables, batches) -> float:
   """Fraction of labelled rows (label != -100) whose argmax logit is the label."""
-  from oqt_jax.quant.calibrate import model_inputs, strip
   fn = jax.jit(lambda v, inputs: model.apply(v, **inputs).logits)
   v = strip(variables)
   hit = n = 0
@@ -78,13 +86,8 @@ def metric_of(config, model, qmodel, qvars, batches, metrics: dict) -> tuple[str
     return 'perplexity', metrics.get('perplexity')
   if head == 'cls':
     if config.data.get('source', '') == 'glue':
-      try:
-        from oqt_jax.evaluate import glue
-      except ImportError:
-        glue = None
-      if glue is not None:
-        m = glue.evaluate_glue(qmodel, qvars, config, batches)
-        return f'GLUE {config.data.glue_task} {m.get("metric_name", "score")}', m['metric']
+      m = glue_eval.evaluate_glue(qmodel, qvars, config, batches)
+      return f'GLUE {config.data.glue_task} {m.get("metric_name", "score")}', m['metric']
     return 'accuracy', _accuracy(qmodel, qvars, batches)
   return 'loss', metrics.get('loss')
 
@@ -110,8 +113,6 @@ def model_bytes(model, variables, qmodel, qvariables, info: dict) -> int:
   (LLM.int8(), weight-only: info['stored_bytes']); FP: the parameters as stored; otherwise
   the parameters with each quantized weight counted at its bit width (+ float32 scales, one
   per output channel with per-channel weights), the rest as stored."""
-  from oqt_jax.quant import weight_int8
-  from oqt_jax.quant.points import Rules
   if 'stored_bytes' in info:
     return int(info['stored_bytes'])
   if info.get('name') == 'fp' or getattr(qmodel, 'quant', None) is None:
@@ -141,7 +142,6 @@ def format_markdown(report: dict) -> str:
 
 
 def bar_plot(report: dict, path: str) -> str:
-  from oqt_jax.evaluate.plots import _plt
   plt = _plt()
   rows = [r for r in report['rows'] if not r.get('error') and r.get('metric') is not None
           and math.isfinite(r['metric'])]
@@ -184,10 +184,6 @@ def compare_run(config, workdir: Optional[str], *, hf_model: Optional[str] = Non
                 explicit_quant=()) -> dict[str, Any]:
   """Runs the registered methods `methods` ('a,b,c', a list, or None: all) in `setting`
   ('original', 'all', 'both') and writes the comparison (module docstring)."""
-  from oqt_jax import quant
-  from oqt_jax.errors import ConfigError
-  from oqt_jax.quant import methods as registry
-  from oqt_jax.quant.methods import llm_int8
   plan = registry.rows(methods, setting)
   quant.validate_quant_config(config)
   out_dir = out_dir or workdir

@@ -18,10 +18,20 @@ import jax
 import ml_collections
 import numpy as np
 
-from oqt_jax import models
+from oqt_jax import data, models, quant
 from oqt_jax.config import prepare_workdir
+from oqt_jax.data.tokenizer import check_tokenizer
 from oqt_jax.errors import CheckpointError, ConfigError, DataError
 from oqt_jax.evaluate import outliers, plots
+from oqt_jax.models import hf
+from oqt_jax.models.generate import check_generation
+from oqt_jax.models.hf import VARIANT_FIELDS
+from oqt_jax.quant import methods, weight_int8
+from oqt_jax.quant import points as P
+from oqt_jax.quant.methods import qat
+from oqt_jax.train import glue_eval
+from oqt_jax.train.checkpoint import load_orbax
+from oqt_jax.train.guards import check_batch, nonfinite_leaves
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +71,6 @@ def _variant_overrides(config, hf_path: str) -> dict:
     return {}
   if 'oqt_jax' in hf_cfg:
     return {}
-  from oqt_jax.models.hf import VARIANT_FIELDS
   default = models.ModelConfig()
   out = {f: config.model[f] for f in VARIANT_FIELDS
          if f in config.model and config.model[f] != getattr(default, f)}
@@ -75,7 +84,6 @@ def _variant_overrides(config, hf_path: str) -> dict:
 
 def load_model(config, workdir: Optional[str], hf_model: Optional[str] = None):
   """(model, variables, source path) of the run to evaluate."""
-  from oqt_jax.models import hf
   if hf_model:
     path = os.path.expanduser(hf_model)
     if os.path.isdir(path) and not os.path.exists(os.path.join(path, 'config.json')):
@@ -96,44 +104,6 @@ def load_model(config, workdir: Optional[str], hf_model: Optional[str] = None):
     return model, variables, step_dir
   raise CheckpointError(f'{workdir}: no checkpoint to evaluate (neither {hf_dir} nor '
                         f'{os.path.join(workdir, CKPT_DIR)}/<step>); pass --hf_model PATH')
-
-
-def load_orbax(config, workdir: str):
-  """Parameters of the newest Orbax step in workdir/checkpoints; model config from the run's
-  workdir/config.json (written by the training loop, sized to its tokenizer) if present."""
-  import orbax.checkpoint as ocp
-  mcfg = config.model
-  saved = os.path.join(workdir, 'config.json')
-  if os.path.exists(saved):
-    try:
-      with open(saved) as fh:
-        mcfg = json.load(fh).get('model', mcfg)
-    except (OSError, json.JSONDecodeError) as e:
-      raise CheckpointError(f'{saved}: cannot be read ({type(e).__name__})') from e
-  model = models.build(mcfg)
-  ckpt_dir = os.path.abspath(os.path.join(workdir, CKPT_DIR))
-  try:
-    mngr = ocp.CheckpointManager(ckpt_dir)
-    step = mngr.latest_step()
-    items = mngr.restore(step, args=ocp.args.StandardRestore())
-  except Exception as e:   # orbax / tensorstore raise many types
-    text = ' '.join(str(e).split())[:160]
-    raise CheckpointError(f'{ckpt_dir}: cannot restore the newest step '
-                          f'({type(e).__name__}: {text})') from e
-  params = items.get('params') if isinstance(items, dict) else None
-  if params is None:
-    raise CheckpointError(f'{ckpt_dir}/{step}: no params in the checkpoint')
-  expect = jax.eval_shape(lambda r: models.init_variables(model, r)['params'],
-                          jax.random.PRNGKey(0))
-  want = {jax.tree_util.keystr(p): l.shape for p, l in
-          jax.tree_util.tree_flatten_with_path(expect)[0]}
-  got = {jax.tree_util.keystr(p): np.shape(l) for p, l in
-         jax.tree_util.tree_flatten_with_path(params)[0]}
-  if want != got:
-    diff = sorted(set(want.items()) ^ set(got.items()))[:2]
-    raise CheckpointError(f'{ckpt_dir}/{step}: parameters do not match the model config '
-                          f'(first differences: {diff})')
-  return model, {'params': params}
 
 
 # ---- the configuration of an evaluation -------------------------------------------------------
@@ -273,8 +243,6 @@ def _run_tokenizer(config, workdir):
 
 
 def datasets(config, workdir, calib: bool):
-  from oqt_jax import data
-  from oqt_jax.data.tokenizer import check_tokenizer
   tok = data.get_tokenizer(config, workdir)
   check_tokenizer(tok, f"data.tokenizer='{config.data.get('tokenizer', '') or workdir}'",
                   config.model.get('vocab_size'))
@@ -301,7 +269,6 @@ def calibration_batches(ds, batch_size: int, num: int):
 # ---- checks before any evaluation ------------------------------------------------------------
 def model_points(model_type: str) -> tuple[frozenset, frozenset]:
   """(per-layer, global) point names of quant_dict keys for one model type."""
-  from oqt_jax.quant import points as P
   layer = set(P.LAYER_ACTS[model_type]) | {'L'}
   layer |= {'w' + a for a in P.LAYER_ACTS[model_type] if a in P.WEIGHTED}
   glob = set(P.GLOBAL_ACTS[model_type]) | set(P.TABLES[model_type])
@@ -313,7 +280,6 @@ def check_quant_points(qcfg, model_type: str, num_layers: Optional[int] = None) 
   """quant_dict keys exist for this model type (and layer indices < num_layers); the
   message lists only this model's points."""
   import ast
-  from oqt_jax.quant import points as P
   spec = qcfg.get('quant_dict', '') if hasattr(qcfg, 'get') else ''
   if model_type not in P.LAYER_ACTS or not spec:
     return
@@ -344,7 +310,6 @@ def check_quant_for_model(config, model, variables) -> None:
   """Settings that can only fail on this model (unknown points, PEG groups that do not divide
   a point's width) as ConfigError now, before any evaluation: the calibration's first pass
   is traced abstractly (no computation)."""
-  from oqt_jax import quant
   check_quant_points(config.quant, model.cfg.model_type, model.cfg.num_layers)
   quant.validate_quant_config(config)
   try:
@@ -368,14 +333,12 @@ def check_quant_for_model(config, model, variables) -> None:
 def checked(batches, model, where: str):
   """`batches`, each checked first (token ids inside the vocabulary, sequences no longer
   than the position table): a DataError instead of NaN from an out-of-range lookup."""
-  from oqt_jax.train.guards import check_batch
   for i, b in enumerate(batches):
     check_batch(b, model.cfg.vocab_size, model.cfg.max_position_embeddings, f'{where} {i}')
     yield b
 
 
 def check_finite_params(variables, source) -> None:
-  from oqt_jax.train.guards import nonfinite_leaves
   bad = nonfinite_leaves(variables.get('params', variables))
   if bad:
     raise CheckpointError(f'{source}: non-finite parameters ({bad[0]}; {len(bad)} array(s) '
@@ -407,7 +370,6 @@ def glue_datasets(config, workdir, val) -> dict:
     return {}
   sets = {'validation': val}
   if config.data.glue_task == 'mnli':
-    from oqt_jax import data
     tok = data.get_tokenizer(config, workdir)
     sets['validation_mismatched'] = data.build_dataset(config, tok, 'validation_mismatched',
                                                        workdir)
@@ -418,7 +380,6 @@ def glue_report(model, variables, config, sets: dict, batch_size: int, *,
                 progress: bool = False, prefix: str = '') -> dict:
   """The GLUE metrics of (model, variables) on each dev set (whole sets), printed; the
   'validation' figures at the top level, other splits under their split name."""
-  from oqt_jax.evaluate import glue as glue_eval
   out: dict[str, Any] = {}
   for split, ds in sets.items():
     batches = ds.eval_batches(batch_size)
@@ -437,7 +398,6 @@ def glue_report(model, variables, config, sets: dict, batch_size: int, *,
 
 # ---- weight-only int8 --------------------------------------------------------------------------
 def weight_only_sizes(variables, qvars) -> dict:
-  from oqt_jax.quant import weight_int8
   return dict(model_bytes_fp=weight_int8.param_bytes(variables),
               model_bytes_int8=weight_int8.param_bytes(qvars))
 
@@ -476,7 +436,6 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: Optional[str], *,
   oqt_jax.quant.methods.names()); the method's preset (the original's bits, granularity,
   calibration samples) fills the quant fields not named in `explicit_quant`.
   """
-  from oqt_jax import quant
   if out is not None and not OUT_NAME_RE.match(out):
     raise ConfigError(f'--out={out!r}: expected a name of letters, digits, ".", "_", "-" '
                       '(it names the files eval_NAME.json, ...)')
@@ -526,7 +485,6 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: Optional[str], *,
 
   q = q_first = None
   if quantize:
-    from oqt_jax.quant import methods
     method = config.quant.get('method', '')
     qcfg = methods.with_preset(config.quant, method, explicit_quant, batch_size=bs)
     quant.validate_quant_config(qcfg)
@@ -534,7 +492,6 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: Optional[str], *,
         f'calibrating on {_plural(n, "batch")} (method={method or "calibrate"}'
         f'{", AdaRound" if qcfg.get("adaround", False) else ""}, W{qcfg.n_bits}A{qcfg.n_bits_act}'
         f', quant_setup={qcfg.quant_setup}, quant_dict={qcfg.quant_dict!r}, int8={qcfg.int8})')
-    from oqt_jax.quant.methods import qat
     exported = None if qcfg.get('adaround', False) else qat.quantized_from_export(
         model, variables, source if os.path.isdir(str(source)) else None)
     if qcfg.get('weight_only', False):   # int8 weights, FP activations: no calibration
@@ -641,8 +598,6 @@ def generate_text(config: Optional[ml_collections.ConfigDict], workdir: Optional
   continuation and why it stopped (end-of-sequence token or max_new_tokens) and returns the
   continuation. quantize: the model calibrated with config.quant generates. seed: the
   sampling seed (default config.seed). Every setting is checked before any work."""
-  from oqt_jax import data, quant
-  from oqt_jax.models.generate import check_generation
   if config is None:
     config = eval_config(None, workdir, hf_model)
   if quantize:

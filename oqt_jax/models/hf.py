@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from oqt_jax import hub
 from oqt_jax.errors import CheckpointError
 from oqt_jax.models import config as mcfg
 from oqt_jax.models.bert import Bert
@@ -287,8 +288,7 @@ def _resolve(path: str) -> str:
     return path
   if os.path.exists(path):
     raise CheckpointError(f'{path}: expected an HF checkpoint directory, found a file')
-  from oqt_jax.data.sources import unreachable_name
-  why = unreachable_name(path)
+  why = hub.unreachable_name(path)
   if why:   # decided at once: no download attempt (and no retries) that cannot succeed
     raise CheckpointError(f'{path}: {why}')
   try:  # a hub name: real loading code, needs network

@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from oqt_jax.models import lm_loss as losses
 from oqt_jax.models.attention import MultiHeadAttention
 from oqt_jax.models.config import ModelConfig
 from oqt_jax.models.layers import (Dense, Dropout, Embed, LayerNorm, constrain, dtype_of, ln_output,
@@ -180,7 +181,6 @@ class Opt(nn.Module):
       head = lambda h, m: constrain(qact(q, self, 'M', word.attend(h, wpoint='wM'), m),
                                     ('batch', 'length', 'vocab'))
       if loss_labels is not None and not decode:
-        from oqt_jax.train import losses  # pylint: disable=import-outside-toplevel
         if q is None or getattr(q, 'mode', None) in ROW_WISE_QUANT_MODES:
           # Evaluation: head + cross-entropy chunk by chunk (losses.clm_loss_by_chunks).
           lm_loss = losses.clm_loss_by_chunks(lambda h, sl: head(h, tok_mask[:, sl]), x,

@@ -11,11 +11,12 @@
   qmodel, qvariables = quant.token_wise_clipping(model, variables, batches, qcfg)
   model, variables = quant.smoothquant(model, variables, batches, alpha=0.5)
 
-Modules: quantizers (pure quantize-dequantize, STE, granularities), estimators (range
-estimators), points (point names, quant_setup / quant_dict rules, the quant config),
-hooks (QuantHooks: the models' hook protocol over the 'quant' collection), calibrate
-(calibration flow), int8 (int8 matmuls through AQT), methods (one module per method and the
-registry eval.py dispatches on).
+Modules, bottom up: quantizers (pure quantize-dequantize, STE, granularities), lsq (LSQ /
+LSQ+ quantizers), estimators (range estimators), points (point names, quant_setup /
+quant_dict rules, the quant config), layout (the 'quant' collection's name, weight channel
+axes, token masks), int8 (int8 matmuls through AQT), hooks (QuantHooks: the models' hook
+protocol over the 'quant' collection), calibrate (calibration flow), weight_int8, methods
+(one module per method, and above them the registry eval.py dispatches on).
 """
 from oqt_jax.quant.calibrate import calibrate, model_inputs, quant_ranges
 from oqt_jax.quant.hooks import QuantHooks

@@ -30,7 +30,7 @@ Modes:
                  collection must be mutable); 'fixed' is 'frozen'; otherwise as 'frozen', for
                  a 'quant' collection that the train step differentiates. A state {'delta',
                  'zero_float' (asymmetric only), 'q_min', 'q_max'} is the original's uniform
-                 quantizer with learnable delta / zero_float (qat.minmax_quantize,
+                 quantizer with learnable delta / zero_float (quantizers.minmax_quantize,
                  'minmax'); a state {'scale', 'zero_point' (asymmetric only), 'q_min',
                  'q_max'} is the LSQ quantizer with the gradient scale
                  1/sqrt(numel_per_scale * q_max) ('lsq': the zero-point is constant; 'lsq+':
@@ -46,26 +46,12 @@ import jax
 import jax.numpy as jnp
 
 from oqt_jax.errors import ConfigError
-from oqt_jax.quant import estimators, quantizers
+from oqt_jax.quant import estimators, int8, lsq, quantizers
+from oqt_jax.quant.layout import (COLLECTION, TIED_TABLES, token_mask_for,  # noqa: F401
+                                  weight_reduce_axes)
 from oqt_jax.quant.points import Rules
 
 MODES = ('init', 'stats', 'calibrating', 'frozen', 'dynamic', 'fp', 'learned')
-COLLECTION = 'quant'
-TIED_TABLES = ('Et', 'Ep', 'Ets', 'wM')   # (rows, features) tables: output channel = axis 0
-
-
-def token_mask_for(x, mask):
-  """The (B, T) token mask broadcast for x: (B,T,D) -> (B,T,1); (B,H,T,T) -> query & key valid."""
-  if mask is None:
-    return None
-  mask = mask.astype(bool)
-  if mask.ndim == x.ndim and mask.ndim > 2:   # already per entry (broadcastable)
-    return mask
-  if x.ndim == 4 and mask.ndim == 2 and x.shape[2] == x.shape[3] == mask.shape[1]:
-    return mask[:, None, :, None] & mask[:, None, None, :]
-  if x.ndim >= mask.ndim and tuple(x.shape[:mask.ndim]) == tuple(mask.shape):
-    return mask.reshape(mask.shape + (1,) * (x.ndim - mask.ndim))
-  return None
 
 
 def fp_range_update(state, x, mask):
@@ -79,14 +65,6 @@ def fp_range_update(state, x, mask):
   r = jnp.where(valid, mx - mn, 0.0)
   mean = state['range'] + (r - state['range']) / (n + 1).astype(jnp.float32)
   return {'range': jnp.where(seen, mean, state['range']), 'n': n + seen.astype(jnp.int32)}
-
-
-def weight_reduce_axes(name: str, w, per_channel: bool) -> tuple[int, ...]:
-  """Axes the weight's range reduces over: all (per tensor) or all but the output channel."""
-  if not per_channel or w.ndim < 2:
-    return tuple(range(w.ndim))
-  channel = 0 if name in TIED_TABLES else w.ndim - 1   # Dense kernels are (in, out)
-  return tuple(a for a in range(w.ndim) if a != channel)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,9 +167,6 @@ class QuantHooks:
 
   def _lsq(self, state, x, axes):
     """x quantized with an LSQ / LSQ+ state (mode 'learned', or 'frozen' on a QAT export)."""
-    from oqt_jax.quant.methods import lsq
-    import jax
-    import jax.numpy as jnp
     scale = quantizers.expand_range(state['scale'], x.ndim, axes)
     zp = quantizers.expand_range(state.get('zero_point', jnp.zeros((), jnp.float32)), x.ndim,
                                  axes)       # symmetric quantizers: no zero-point
@@ -208,17 +183,16 @@ class QuantHooks:
     return self.mode == 'learned' and self.learn_ranges == 'none'
 
   def _minmax(self, state, x, axes, gid=None):
-    """x quantized with a learned (delta, zero_float) state (qat.minmax_quantize); per-group
+    """x quantized with a learned (delta, zero_float) state (quantizers.minmax_quantize); per-group
     states (K,) are expanded to the dims with `gid`."""
-    from oqt_jax.quant.methods import qat
     delta, zf = state['delta'], state.get('zero_float')
     if gid is not None:
       delta, zf = delta[gid], (None if zf is None else zf[gid])
     else:
       delta = quantizers.expand_range(delta, x.ndim, axes)
       zf = None if zf is None else quantizers.expand_range(zf, x.ndim, axes)
-    return qat.minmax_quantize(x, delta, zf, jax.lax.stop_gradient(state['q_min']),
-                               jax.lax.stop_gradient(state['q_max']))
+    return quantizers.minmax_quantize(x, delta, zf, jax.lax.stop_gradient(state['q_min']),
+                                      jax.lax.stop_gradient(state['q_max']))
 
   # ---- activations -----------------------------------------------------------------------------
   def keeps_float32(self, name) -> bool:
@@ -349,5 +323,4 @@ class QuantHooks:
   def dot_general(self, module, name, mask=None):
     if not self.rules.int8 or self.mode in ('fp', 'stats'):
       return None
-    from oqt_jax.quant import int8   # AQT stays behind this one adapter
-    return int8.dot_general(self, module, name, mask)
+    return int8.dot_general(self, module, name, mask)   # AQT stays behind this one adapter

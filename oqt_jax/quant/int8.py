@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from oqt_jax.quant import estimators, quantizers
+from oqt_jax.quant.layout import COLLECTION, token_mask_for, weight_reduce_axes
 
 INT8_MAX = 127.0
 
@@ -79,7 +80,6 @@ def input_estimator(rules) -> str:
 
 def dot_general(hooks, module, name, mask):
   """The hooks' dot_general for the Dense whose output point is `name` (None: float matmul)."""
-  from oqt_jax.quant.hooks import COLLECTION, token_mask_for, weight_reduce_axes
   if not uses_int8(hooks, name):
     return None
   r = hooks.rules

@@ -313,3 +313,24 @@ def group_view(x, n_groups: int, perm=None):
   if perm is not None:
     x = jnp.take(x, jnp.asarray(perm, jnp.int32), axis=-1)
   return x.reshape(x.shape[:-1] + (n_groups, d // n_groups))
+
+
+# ---- the original's uniform quantizer with learnable (delta, zero_float) (QAT) --------------
+def minmax_quantize(x, delta, zero_float, q_min, q_max, eps: float = EPS):
+  """The original's AsymmetricUniformQuantizer (zero_float given) / SymmetricUniformQuantizer
+  (zero_float None) forward pass, differentiable in delta and zero_float:
+    scale = clamp(delta, min=eps)
+    z     = clamp(round_ste(zero_float), q_min, q_max)           (0 if symmetric)
+    x_int = clamp(round_ste(x / scale) + z, q_min, q_max)
+    q(x)  = scale * (x_int - z)
+  (round half to even, clamp gradients 1 on [lo, hi] bounds included, as torch). delta and
+  zero_float broadcast against x; arithmetic in float32, the output has x's dtype."""
+  xf = jnp.asarray(x, jnp.float32)
+  delta = jnp.asarray(delta, jnp.float32)
+  scale = jnp.where(delta < eps, jnp.float32(eps), delta)
+  if zero_float is None:
+    z = jnp.float32(0)
+  else:
+    z = clamp(round_ste(jnp.asarray(zero_float, jnp.float32)), q_min, q_max)
+  x_int = clamp(round_ste(true_divide(xf, scale)) + z, q_min, q_max)
+  return (scale * (x_int - z)).astype(jnp.asarray(x).dtype)

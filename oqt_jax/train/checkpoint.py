@@ -8,6 +8,7 @@ mesh restores onto any other mesh shape or device count.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -15,8 +16,10 @@ import time
 from typing import Any, Callable, Optional
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
+from oqt_jax import models
 from oqt_jax.errors import CheckpointError, NonFiniteError
 from oqt_jax.train.guards import nonfinite_leaves
 
@@ -236,3 +239,40 @@ class Checkpointer:
       multihost_utils.sync_global_devices('oqt_jax_checkpoint_quarantine')
     self._manager.close()
     self._manager = self._open()
+
+
+def load_orbax(config, workdir: str):
+  """Parameters of the newest Orbax step in workdir/checkpoints; model config from the run's
+  workdir/config.json (written by the training loop, sized to its tokenizer) if present."""
+  mcfg = config.model
+  saved = os.path.join(workdir, 'config.json')
+  if os.path.exists(saved):
+    try:
+      with open(saved) as fh:
+        mcfg = json.load(fh).get('model', mcfg)
+    except (OSError, json.JSONDecodeError) as e:
+      raise CheckpointError(f'{saved}: cannot be read ({type(e).__name__})') from e
+  model = models.build(mcfg)
+  ckpt_dir = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+  try:
+    mngr = ocp.CheckpointManager(ckpt_dir)
+    step = mngr.latest_step()
+    items = mngr.restore(step, args=ocp.args.StandardRestore())
+  except Exception as e:   # orbax / tensorstore raise many types
+    text = ' '.join(str(e).split())[:160]
+    raise CheckpointError(f'{ckpt_dir}: cannot restore the newest step '
+                          f'({type(e).__name__}: {text})') from e
+  params = items.get('params') if isinstance(items, dict) else None
+  if params is None:
+    raise CheckpointError(f'{ckpt_dir}/{step}: no params in the checkpoint')
+  expect = jax.eval_shape(lambda r: models.init_variables(model, r)['params'],
+                          jax.random.PRNGKey(0))
+  want = {jax.tree_util.keystr(p): l.shape for p, l in
+          jax.tree_util.tree_flatten_with_path(expect)[0]}
+  got = {jax.tree_util.keystr(p): np.shape(l) for p, l in
+         jax.tree_util.tree_flatten_with_path(params)[0]}
+  if want != got:
+    diff = sorted(set(want.items()) ^ set(got.items()))[:2]
+    raise CheckpointError(f'{ckpt_dir}/{step}: parameters do not match the model config '
+                          f'(first differences: {diff})')
+  return model, {'params': params}

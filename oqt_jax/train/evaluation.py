@@ -3,7 +3,7 @@
 This is the hook the training loop calls every `eval_every_steps` and at the end; whatever
 keys it returns are written to TensorBoard and metrics.jsonl (kind 'eval'). It computes the
 validation loss (the head's loss: MLM or CLM, see losses.py), perplexity = exp(loss), and the
-paper's outlier figures (max_inf_norm, avg_kurtosis, max_kurtosis; oqt_jax/evaluate/outliers.py).
+paper's outlier figures (max_inf_norm, avg_kurtosis, max_kurtosis; outlier_stats.py).
 
 Extending it: add a function with the signature of `_eval_metrics`
 below to EVAL_METRIC_FNS (or call `register_eval_metrics(fn)`); each gets
@@ -21,28 +21,11 @@ import numpy as np
 from jax.sharding import Mesh
 
 from oqt_jax import models
+from oqt_jax.data.sampling import BATCH_KEYS, PAD_VALUES, pad_batch  # noqa: F401
 from oqt_jax.errors import ConfigError
-from oqt_jax.train import losses
+from oqt_jax.quant.methods import qat
+from oqt_jax.train import glue_eval, outlier_stats
 from oqt_jax.train import sharding as shd
-
-BATCH_KEYS = ('input_ids', 'attention_mask', 'token_type_ids', 'labels')
-PAD_VALUES = {'labels': losses.IGNORE_INDEX}
-
-
-def pad_batch(batch: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
-  """Keep the model/loss keys and pad to `rows` rows (padding rows: mask 0, labels -100)."""
-  out = {}
-  for k in BATCH_KEYS:
-    if k not in batch:
-      continue
-    v = np.asarray(batch[k])
-    n = v.shape[0]
-    if n < rows:
-      pad = np.full((rows - n,) + v.shape[1:], PAD_VALUES.get(k, 0), v.dtype)
-      v = np.concatenate([v, pad], axis=0)
-    out[k] = v
-  return out
-
 
 def mesh_of(tree) -> Mesh:
   for leaf in jax.tree.leaves(tree):
@@ -88,7 +71,6 @@ def eval_model(state, config):
   model = models.build(models.from_config(config.model))
   variables = {'params': state.params}
   if getattr(state, 'quant', None) is not None:
-    from oqt_jax.quant.methods import qat
     model = model.clone(quant=qat.train_hooks(config, model.cfg).with_mode('frozen'))
     variables['quant'] = state.quant
   return model, variables
@@ -97,19 +79,18 @@ def eval_model(state, config):
 def _eval_metrics(state, config, ds, batches: Iterable[Mapping[str, np.ndarray]], mesh: Mesh
                   ) -> dict[str, Any]:
   """Validation loss / perplexity and the paper's outlier figures, from one forward a batch
-  (the jitted step of oqt_jax/evaluate/outliers.py, which uses the training loss)."""
-  from oqt_jax.evaluate import outliers
+  (the jitted step of oqt_jax/train/outlier_stats.py, which uses the training loss)."""
   model, variables = eval_model(state, config)
-  step_fn = outliers.make_eval_step(model, return_tensors=False)
+  step_fn = outlier_stats.make_eval_step(model, return_tensors=False)
   acc, n = None, 0
   with shd.activation_context(mesh):   # traced on the first call: the constraints apply
     for b in batches:
       sums, _ = step_fn(variables, device_eval_batch(b, mesh))
-      acc = outliers.accumulate(acc, sums)
+      acc = outlier_stats.accumulate(acc, sums)
       n += 1
   if acc is None:
     return {}
-  m = outliers.finalize(acc, model.cfg.model_type, model.cfg.num_layers)
+  m = outlier_stats.finalize(acc, model.cfg.model_type, model.cfg.num_layers)
   loss = m['loss'] if m['loss'] is not None else float('nan')
   return {'eval_loss': loss, 'eval_perplexity': math.exp(loss) if loss < 700 else float('inf'),
           'eval_tokens': m['num_tokens'], 'eval_batches': n,
@@ -123,7 +104,6 @@ def _glue_eval_metrics(state, config, ds, batches, mesh: Mesh) -> dict[str, Any]
   those of the quantized model, as the eval loss."""
   if getattr(ds, 'task_info', None) is None:
     return {}
-  from oqt_jax.evaluate import glue as glue_eval
   model, variables = eval_model(state, config)
   with shd.activation_context(mesh):
     m = glue_eval.evaluate_glue(model, variables, config, batches)

@@ -30,7 +30,11 @@ from typing import Any, Optional
 import jax
 
 from oqt_jax import models
+from oqt_jax.data.glue import glue_task_info
 from oqt_jax.errors import CheckpointError, ConfigError
+from oqt_jax.models import hf
+from oqt_jax.models.hf import VARIANT_FIELDS
+from oqt_jax.train.checkpoint import load_orbax
 
 HF_DIR = 'hf'
 CKPT_DIR = 'checkpoints'
@@ -72,8 +76,6 @@ def resolve(init_from: str, workdir: Optional[str] = None, config=None
     if workdir is None or config is None:
       raise ConfigError(f"init_from='{init_from}': a workdir without hf/; pass a workdir to "
                         'convert its newest checkpoint')
-    from oqt_jax.evaluate.run import load_orbax  # pylint: disable=import-outside-toplevel
-    from oqt_jax.models import hf  # pylint: disable=import-outside-toplevel
     model, variables = load_orbax(config, path)
     out = os.path.join(workdir, INIT_HF_DIR)
     if jax.process_index() == 0:
@@ -87,13 +89,11 @@ def resolve(init_from: str, workdir: Optional[str] = None, config=None
 def load_overrides(config) -> dict[str, Any]:
   """hf.load overrides from config.model: head / num_labels, training fields, and the
   attention-variant fields set to non-default values."""
-  from oqt_jax.models.hf import VARIANT_FIELDS  # pylint: disable=import-outside-toplevel
   m = config.model
   default = models.ModelConfig()
   ov: dict[str, Any] = {f: m[f] for f in TRAINING_FIELDS if f in m}
   head = m.get('head', 'auto')
   if config.data.get('source', '') == 'glue':
-    from oqt_jax.data import glue_task_info  # pylint: disable=import-outside-toplevel
     head = 'cls'
     ov['num_labels'] = glue_task_info(config.data.glue_task).num_labels
   elif head == 'cls':
@@ -106,7 +106,6 @@ def load_overrides(config) -> dict[str, Any]:
 
 def load_init(config, workdir: str):
   """(config with model fields / tokenizer from the checkpoint, params) for config.init_from."""
-  from oqt_jax.models import hf  # pylint: disable=import-outside-toplevel
   init = config.init_from
   path, tok = resolve(init, workdir, config)
   ov = load_overrides(config)

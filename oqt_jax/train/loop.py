@@ -22,11 +22,12 @@ import ml_collections
 import numpy as np
 
 from oqt_jax import data, models
+from oqt_jax.models import hf
 from oqt_jax.errors import CheckpointError, ConfigError, NonFiniteError
 from oqt_jax.quant.methods import qat
 from oqt_jax.train import sharding as shd
 from oqt_jax.train.checkpoint import Checkpointer
-from oqt_jax.config import prepare_workdir, validate
+from oqt_jax import config as config_lib   # the package's config module (validate, workdir)
 from oqt_jax.train.config import check_batch_fit
 from oqt_jax.train.evaluation import evaluate
 from oqt_jax.train import init_from as init_lib
@@ -175,12 +176,8 @@ def _alive(state: TrainState) -> bool:
 
 # ---------------------------------------------------------------------------- HF export
 def export_hf(model, state: TrainState, tokenizer, out_dir: str) -> Optional[str]:
-  """Write the final model (and tokenizer) as an HF checkpoint dir; None if hf.py is absent."""
-  try:
-    from oqt_jax.models import hf
-  except ImportError as e:
-    _info(f'HF export skipped: oqt_jax.models.hf unavailable ({e})')
-    return None
+  """Write the final model (and tokenizer) as an HF checkpoint dir (None on processes other
+  than the first)."""
   bad = nonfinite_leaves(state.params)
   if bad:
     raise NonFiniteError(f'HF export to {out_dir}: non-finite values in {bad[0]} '
@@ -200,12 +197,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        progress: bool = True) -> dict[str, Any]:
   """Train (or resume) the run of `config` in `workdir`; returns a summary dict:
   step, interrupted (signal number or None), last train / eval metrics, hf_dir."""
-  validate(config)  # every section, before any slow work: one line naming the bad field
+  config_lib.validate(config)  # every section, before any slow work: one line naming the bad field
   workdir = os.fspath(workdir)
   if '://' in workdir:
     raise ConfigError(f'workdir={workdir!r}: must be a filesystem path every host sees (mount a '
                       'bucket with gcsfuse, or use NFS / Filestore)')
-  workdir = prepare_workdir(workdir)
+  workdir = config_lib.prepare_workdir(workdir)
 
   mesh = shd.create_mesh(config.mesh, devices)
   global_rows = check_batch_fit(config, mesh.size, shd.batch_shards(mesh), jax.process_count())

@@ -12,20 +12,16 @@ import functools
 import math
 from typing import Mapping, NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-IGNORE_INDEX = -100
-
-
-def cross_entropy_sum(logits, labels, weights):
-  """Sum of token cross-entropies weighted by `weights` (0/1), and the sum of weights."""
-  logits = logits.astype(jnp.float32)
-  weights = weights.astype(jnp.float32)
-  safe = jnp.where(weights > 0, labels, 0).astype(jnp.int32)
-  logz = jax.nn.logsumexp(logits, axis=-1)
-  picked = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
-  return jnp.sum((logz - picked) * weights), jnp.sum(weights)
+from oqt_jax import models
+from oqt_jax.models.layers import ACTIVATIONS, dtype_of, logical_spec
+from oqt_jax.models.lm_loss import (CLM_CHUNK_ROWS, IGNORE_INDEX, clm_loss,  # noqa: F401
+                                    clm_loss_by_chunks, clm_num_chunks, clm_targets,
+                                    cross_entropy_sum, eval_num_chunks)
 
 
 def mlm_loss(logits, labels, attention_mask=None):
@@ -34,15 +30,6 @@ def mlm_loss(logits, labels, attention_mask=None):
   if attention_mask is not None:
     weights = weights & (attention_mask > 0)
   return cross_entropy_sum(logits, labels, weights)
-
-
-def clm_loss(logits, labels, attention_mask=None):
-  """(sum, count) of the causal-LM cross-entropy with the one-token shift."""
-  logits, targets = logits[:, :-1], labels[:, 1:]
-  weights = targets != IGNORE_INDEX
-  if attention_mask is not None:
-    weights = weights & (attention_mask[:, 1:] > 0)
-  return cross_entropy_sum(logits, targets, weights)
 
 
 def classification_loss(logits, labels):
@@ -90,7 +77,6 @@ def perplexity(mean_ce):
 
 MLM_PREDICTION_FRACTION = 0.15   # the data's default masking probability
 MLM_PREDICTION_SIGMAS = 3.0      # rows gathered: mean + 3 std of Binomial(tokens, p)
-CLM_CHUNK_ROWS = 512             # tokens (batch x length) per chunk of the CLM head
 
 
 def mlm_max_predictions(tokens: int, p: float = MLM_PREDICTION_FRACTION,
@@ -104,7 +90,6 @@ def mlm_max_predictions(tokens: int, p: float = MLM_PREDICTION_FRACTION,
 
 def _mlm_transform(params, cfg, x):
   """BERT's MLM transform (dense, activation, LayerNorm) on hidden states x (..., D)."""
-  from oqt_jax.models.layers import ACTIVATIONS, dtype_of
   dtype = dtype_of(cfg.dtype)
   t = params['mlm_transform']
   h = jnp.einsum('...i,io->...o', x.astype(dtype), t['kernel'].astype(dtype))
@@ -120,7 +105,6 @@ def _mlm_transform(params, cfg, x):
 def bert_mlm_head(params, cfg, x):
   """BERT's MLM head (transform, LayerNorm, tied decoder + bias) on hidden states x (..., D),
   the same operations as models/bert.py for a floating-point model."""
-  from oqt_jax.models.layers import dtype_of
   dtype = dtype_of(cfg.dtype)
   h = _mlm_transform(params, cfg, x)
   table = params['word_embeddings']['embedding'].astype(dtype)
@@ -148,7 +132,6 @@ def _mlm_rows(spec: _MlmHead, head, table, bias, hidden, pos, labels, weights, w
   table, and the table's gradient accumulated transposed (D, V) (the rows are the leading
   dims of both operands: no copy of d_logits). The small transform (dense, activation,
   LayerNorm) goes through jax.vjp."""
-  from oqt_jax.models.layers import dtype_of
   dtype = dtype_of(spec.dtype)
   g, k = pos.shape
   xg = jnp.take_along_axis(hidden, pos[..., None], axis=1).reshape(g * k, hidden.shape[-1])
@@ -260,8 +243,6 @@ mlm_head_loss_sum.defvjp(_mlm_fwd, _mlm_bwd)
 def batch_shards(batch: int) -> int:
   """How many devices the batch dimension is split over under the current mesh and logical
   axis rules (the train / eval steps' activation context); 1 outside one."""
-  import flax.linen as nn
-  from oqt_jax.models.layers import logical_spec
   rules = nn.get_logical_axis_rules()
   mesh = jax.sharding.get_abstract_mesh()
   if not rules or mesh.empty:
@@ -374,65 +355,6 @@ def _lce_bwd(n_chunks, res, g):
 linear_cross_entropy_sum.defvjp(_lce_fwd, _lce_bwd)
 
 
-def clm_num_chunks(batch: int, seq_len: int, chunk_rows: int = CLM_CHUNK_ROWS) -> int:
-  """Chunks along T: the fewest that divide T with at most `chunk_rows` tokens each."""
-  for n in range(1, seq_len + 1):
-    if seq_len % n == 0 and batch * (seq_len // n) <= chunk_rows:
-      return n
-  return seq_len
-
-
-def clm_targets(labels, attention_mask=None):
-  """(targets int32 (B, T), weights float32 (B, T)) of the causal-LM loss aligned with the
-  logits: position t predicts token t + 1; the last position and ignored / padded targets
-  have weight 0 (and target 0)."""
-  b = labels.shape[0]
-  pad = lambda x, v: jnp.concatenate([x[:, 1:], jnp.full((b, 1), v, x.dtype)], axis=1)
-  targets = pad(labels, IGNORE_INDEX)
-  weights = targets != IGNORE_INDEX
-  if attention_mask is not None:
-    weights = weights & (pad(attention_mask, 0) > 0)
-  return jnp.where(weights, targets, 0).astype(jnp.int32), weights.astype(jnp.float32)
-
-
-def eval_num_chunks(batch: int, seq_len: int, chunk_rows: int | None = None,
-                    max_chunks: int = 8) -> int:
-  """Chunks along T for the evaluation's chunked LM head (unrolled, so at most
-  `max_chunks`): the fewest that divide T with at most `chunk_rows` tokens each, else the
-  largest divisor of T up to `max_chunks`."""
-  n = clm_num_chunks(batch, seq_len, chunk_rows or CLM_CHUNK_ROWS)
-  if n <= max_chunks:
-    return n
-  return max(d for d in range(1, max_chunks + 1) if seq_len % d == 0)
-
-
-def clm_loss_by_chunks(logits_fn, hidden, labels, attention_mask=None, *,
-                       chunk_rows: int | None = None):
-  """(sum, count) of the causal-LM loss of logits_fn(hidden) (a row-wise head: its output at
-  a token depends on that token's hidden state only), equal to clm_loss(logits_fn(hidden),
-  ...) up to float summation order, with the head and the cross-entropy applied to a few
-  chunks of positions (unrolled, at most 8; for evaluation, no custom gradient).
-
-  Why: on CPU, XLA writes out the input of every large reduction and the shifted slice of
-  the logits, and a quantized head's logits once more; per chunk these are smaller and the
-  quantizer fuses into the chunk's passes (README, Performance). XLA may still keep the
-  chunks' logits alive together, so the compiled temp memory is not reduced (the train
-  step's scan, clm_loss_chunked, is).
-
-  logits_fn(h_chunk (B, Tc, D), chunk slice) -> (B, Tc, V) float logits.
-  """
-  b, t = labels.shape
-  targets, weights = clm_targets(labels, attention_mask)
-  n = eval_num_chunks(b, t, chunk_rows)
-  size = t // n
-  total = jnp.zeros((), jnp.float32)
-  for c in range(n):
-    sl = slice(c * size, (c + 1) * size)
-    ce, _ = cross_entropy_sum(logits_fn(hidden[:, sl], sl), targets[:, sl], weights[:, sl])
-    total = total + ce
-  return total, jnp.sum(weights)
-
-
 def clm_loss_chunked(hidden, table, labels, attention_mask=None, *,
                      chunk_rows: int = CLM_CHUNK_ROWS, dtype=None):
   """(sum, count) of the causal-LM loss of the tied head logits = hidden @ table^T, equal to
@@ -451,7 +373,6 @@ def train_loss(model, head: str, out, params, batch: Mapping[str, jax.Array]):
   cfg = getattr(model, 'cfg', None)
   if model is None or getattr(model, 'quant', None) is not None or cfg is None:
     return loss_for_head(head, out.logits, batch)
-  from oqt_jax.models.layers import dtype_of
   if head == 'mlm' and cfg.model_type == 'bert':
     return mlm_loss_gathered(params, cfg, out.last_hidden_state, batch['labels'],
                              batch.get('attention_mask'))
@@ -485,8 +406,6 @@ def make_teacher(mcfg, params):
   model with vanilla attention, no gates, float32) with `params` (the checkpoint's, the
   variant's extra parameters left out). Returns host_batch -> (A, B, T, D) float32 numpy final
   hidden states, one deterministic forward per micro-batch."""
-  import numpy as np
-  from oqt_jax import models
   tcfg = mcfg.replace(softmax='vanilla', alpha=-1.0, gate='none', gate_mlp=False,
                       gate_mlp2=False, gate_linear_all_features=False, fine_tuning=False,
                       dtype='float32')

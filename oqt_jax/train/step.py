@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+from oqt_jax.quant.methods import qat
 from oqt_jax.train import losses
 from oqt_jax.train import sharding as shd
 from oqt_jax.train.state import TrainState
@@ -95,7 +96,6 @@ def make_train_step(model: nn.Module, head: str, schedule: optax.Schedule,
 
   def micro_grads(params, mb, rng, quant=None, learn='none'):
     # QAT: the learnable leaves of the 'quant' collection are differentiated with the params.
-    from oqt_jax.quant.methods import qat
     ranges = None if quant is None else qat.split(quant, learn)
     # QAT learn_ranges='none': the estimators' new range state comes back (else `quant`).
     estimate = quant is not None and qat.estimates_ranges(learn)
@@ -125,8 +125,7 @@ def make_train_step(model: nn.Module, head: str, schedule: optax.Schedule,
       zeros = jax.tree.map(jnp.zeros_like, state.params)
       zeros = jax.lax.with_sharding_constraint(zeros, shardings.params)
       if qat_kw:
-        from oqt_jax.quant.methods import qat
-        zeros = (zeros, jax.tree.map(jnp.zeros_like, qat.split(state.quant, state.learn_ranges)))
+            zeros = (zeros, jax.tree.map(jnp.zeros_like, qat.split(state.quant, state.learn_ranges)))
 
       def body(carry, xs):
         i, mb = xs
@@ -168,7 +167,6 @@ def make_train_step(model: nn.Module, head: str, schedule: optax.Schedule,
     return new_state, metrics
 
   def _update_ranges(state, g_ranges):
-    from oqt_jax.quant.methods import qat
     ranges = qat.split(state.quant, state.learn_ranges)
     if not ranges:
       return state

@@ -1,6 +1,6 @@
 """Quantization methods, one module each, and the one registry of them.
 
-  lsq                  LSQ / LSQ+ learnable-range quantizers (QAT, Token-Wise Clipping's fine stage)
+  lsq                  the LSQ / LSQ+ quantizers of oqt_jax.quant.lsq, under their former name
   migration            moving a per-channel factor out of a LayerNorm (Gamma Migration, SmoothQuant)
   outlier_suppression  Gamma Migration, Token-Wise Clipping (Outlier Suppression, NeurIPS 2022)
   smoothquant          SmoothQuant's activation-to-weight scale migration
@@ -36,17 +36,25 @@ activation quantizers (FP, LLM.int8(), weight-only) have one setting, named by `
 
 A new method: one module with a registry-shaped function
   fn(model, variables, batches, qcfg, progress=False) -> (qmodel, qvariables[, info dict])
-and one `register(...)` line below ('module:attribute' strings are imported when used).
+and one `register(...)` line below.
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
-import importlib
 import inspect
 import math
 from typing import Any, Callable, Iterable, Optional, Union
 
+import jax
+import numpy as np
+
 from oqt_jax.errors import ConfigError
+from oqt_jax.quant import weight_int8
+from oqt_jax.quant.calibrate import calibrate
+from oqt_jax.quant.methods import adaround, llm_int8, outlier_suppression, smoothquant
+from oqt_jax.quant.points import config as quant_config
+from oqt_jax.quant.points import validate_quant_config
 
 SETTINGS = ('original', 'all')
 SETTING_CHOICES = ('original', 'all', 'both')
@@ -61,21 +69,11 @@ PAPER_W8A8: dict = dict(
     symmetric_signed=False, dynamic=False, int8=False, ranges_weights='current_minmax',
     ranges_acts='running_minmax', percentile=-1.0)
 
-Ref = Union[str, Callable, dict, None]
-
-
-def _load(ref: Ref):
-  """'module:attr' (module under oqt_jax.quant.methods, or dotted) -> the object; else ref."""
-  if not isinstance(ref, str):
-    return ref
-  mod, attr = ref.split(':')
-  name = mod if '.' in mod else f'{__name__}.{mod}'
-  return getattr(importlib.import_module(name), attr)
+Ref = Union[Callable, dict, None]
 
 
 def _fields_of(ref) -> dict:
-  """A preset reference ('module:ATTR', a function returning a dict, a dict, None) -> dict."""
-  ref = _load(ref)
+  """A preset reference (a function returning a dict, a dict, None) -> dict."""
   return dict((ref() if callable(ref) else ref) or {})
 
 
@@ -83,8 +81,7 @@ def _fields_of(ref) -> dict:
 class Method:
   """A registered method.
 
-  fn: the registry-shaped function (or 'module:attr'). preset: the original's setting
-  (config.quant fields, or 'module:PRESET'). table_preset: the preset of the comparison's
+  fn: the registry-shaped function. preset: the original's setting (config.quant fields). table_preset: the preset of the comparison's
   'original' row where it differs (a W8A8 table: Outlier Suppression's W8A8 preset).
   all_fields: the method's own knobs kept in the 'all' setting (over PAPER_W8A8; a dict or a
   function returning one). single:
@@ -183,7 +180,6 @@ def resolve(name: str, qcfg=None, explicit: Optional[Iterable[str]] = None,
             setting: str = 'original', batch_size: Optional[int] = None,
             table: bool = False):
   """The full config.quant `name` runs with (rules in the module docstring)."""
-  from oqt_jax.quant.points import config as quant_config
   check_setting(setting)
   given = _as_dict(qcfg)
   explicit = set(given) if explicit is None else set(explicit)
@@ -237,7 +233,6 @@ def run(name: str, model, variables, batches, qcfg=None, *, explicit=None,
         setting: str = 'original', table: bool = False, progress: bool = False):
   """(qmodel, qvariables, info) of the method `name` on (model, variables), calibrated on
   `batches` (a list of dicts with input_ids / attention_mask), quant config per `resolve`."""
-  from oqt_jax.quant.points import validate_quant_config
   check_name(name)
   batches = list(batches) if batches is not None else []
   q = resolve(name, qcfg, explicit=explicit, setting=setting, batch_size=_batch_size(batches),
@@ -245,7 +240,7 @@ def run(name: str, model, variables, batches, qcfg=None, *, explicit=None,
   if batches and int(q.est_num_batches) > len(batches):
     q.est_num_batches = len(batches)
   validate_quant_config(q)
-  fn = _plain if name == '' else _load(REGISTRY[name].fn)
+  fn = _plain if name == '' else REGISTRY[name].fn
   try:
     takes_progress = 'progress' in inspect.signature(fn).parameters
   except (TypeError, ValueError):
@@ -257,9 +252,6 @@ def run(name: str, model, variables, batches, qcfg=None, *, explicit=None,
   used = (m.single if m and m.single else setting) if name else 'config'
   info = dict(extra, name=name, setting=used, qcfg=q,
               label=label_of(name, q, extra) if name else 'calibration')
-  from oqt_jax.quant import weight_int8
-  import numpy as np
-  import jax
   leaves = jax.tree_util.tree_leaves(dict(qvars).get('params', {}))
   if any(np.dtype(x.dtype) == np.int8 for x in leaves):   # int8 weights stored: real bytes
     info['stored_bytes'] = weight_int8.param_bytes(qvars)
@@ -268,7 +260,6 @@ def run(name: str, model, variables, batches, qcfg=None, *, explicit=None,
 
 # ---- the rows this module implements (the plain calibration and its variants) ---------------
 def _plain(model, variables, batches, qcfg, progress=False):
-  from oqt_jax.quant.calibrate import calibrate
   return calibrate(model, variables, batches, qcfg, progress=progress,
                    num_batches=min(len(batches), int(qcfg.est_num_batches)) or None)
 
@@ -279,7 +270,6 @@ def _fp(model, variables, batches, qcfg, progress=False):
 
 def merged_quant_dict(qcfg, extra: dict) -> str:
   """The config's quant_dict with `extra` entries added (extra wins)."""
-  import ast
   base = qcfg.get('quant_dict', '') or ''
   d = ast.literal_eval(base) if isinstance(base, str) and base.strip() else dict(base or {})
   d.update(extra)
@@ -314,23 +304,21 @@ def _w8a16(model, variables, batches, qcfg, progress=False):
 
 
 def _llm_int8(model, variables, batches, qcfg, progress=False):
-  fn = _load('llm_int8:llm_int8_method')
-  qm, qv = fn(model, variables, batches, qcfg)[:2]
+  qm, qv = llm_int8.llm_int8_method(model, variables, batches, qcfg)[:2]
   return qm, qv, {'threshold': float(qcfg.llm_int8_threshold)}
 
 
 def _weight_only(model, variables, batches, qcfg, progress=False):
-  from oqt_jax.quant.weight_int8 import weight_only
-  return weight_only(model, variables)
+  return weight_int8.weight_only(model, variables)
 
 
 def _os_all_fields() -> dict:
-  p = _load('outlier_suppression:PRESET')
+  p = outlier_suppression.PRESET
   return {k: p[k] for k in ('twc_fine', 'twc_lr', 'twc_epochs') if k in p}
 
 
 def _adaround_all_fields() -> dict:
-  p = _load('adaround:PRESET')
+  p = adaround.PRESET
   return dict({k: v for k, v in p.items() if k.startswith('adaround_')}, n_bits=4)
 
 
@@ -349,20 +337,20 @@ register('peg', 'W8A8 PEG (K={peg_groups}, permuted)', _peg, preset=PAPER_W8A8, 
          doc='per-embedding-group activation ranges on x, h, y')
 register('w8a16', 'W8A{{8,16}} (x, h, y at 16 bits)', _w8a16, preset=PAPER_W8A8, single='all',
          doc='mixed precision: x, h, y at 16 bits')
-register('adaround', 'AdaRound W{n_bits}A{n_bits_act}', 'adaround:adaround',
-         preset='adaround:PRESET', all_fields=_adaround_all_fields, calib_samples=1024,
+register('adaround', 'AdaRound W{n_bits}A{n_bits_act}', adaround.adaround,
+         preset=adaround.PRESET, all_fields=_adaround_all_fields, calib_samples=1024,
          doc='learned rounding of the weights (original: W4A32, per-tensor MSE-grid ranges)')
 register('outlier_suppression', 'Outlier Suppression W{n_bits}A{n_bits_act} (Gamma + TWC)',
-         'outlier_suppression:outlier_suppression_method',
-         preset='outlier_suppression:PRESET', table_preset='outlier_suppression:PRESET_W8A8',
+         outlier_suppression.outlier_suppression_method,
+         preset=outlier_suppression.PRESET, table_preset=outlier_suppression.PRESET_W8A8,
          all_fields=_os_all_fields, calib_samples=256,
          doc='Gamma Migration, then Token-Wise Clipping (original: W6A6; W8A8 in the table)')
 register('smoothquant', 'SmoothQuant (alpha {smoothquant_alpha:g}) W8A8 {act_granularity}',
-         'smoothquant:smoothquant_method', preset='smoothquant:PRESET',
+         smoothquant.smoothquant_method, preset=smoothquant.PRESET,
          all_fields={'smoothquant_alpha': 0.5}, calib_samples=512,
          doc='activation-to-weight scale migration, then W8A8 (original: per-token dynamic)')
 register('llm_int8', 'LLM.int8() (threshold {threshold:g})', _llm_int8,
-         preset='llm_int8:PRESET', single='original', calibrates=False,
+         preset=llm_int8.PRESET, single='original', calibrates=False,
          doc='vector-wise int8 matmuls, outlier dims in FP')
 register('weight_only', 'weight-only int8 (absmax per channel)', _weight_only, single='original',
          calibrates=False, doc='int8 weights, FP activations')

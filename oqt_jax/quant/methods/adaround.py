@@ -57,8 +57,8 @@ from flax import traverse_util
 import oqt_jax.quant.calibrate  # noqa: F401  (the module; quant.calibrate is the function)
 from oqt_jax.models.layers import ACTIVATIONS
 from oqt_jax.quant import quantizers
-from oqt_jax.quant.hooks import COLLECTION, weight_reduce_axes
-from oqt_jax.quant.points import FP_ACT_BITS, split_name, validate_quant_config
+from oqt_jax.quant.layout import COLLECTION, weight_reduce_axes
+from oqt_jax.quant.points import EXTRA_DEFAULTS, FP_ACT_BITS, split_name, validate_quant_config
 
 calib = sys.modules['oqt_jax.quant.calibrate']
 
@@ -394,7 +394,6 @@ def _rec(layer: Layer, w, bias, x, y, valid) -> float:
 
 # ---- the method ------------------------------------------------------------------------------
 def _field(q, name):
-  from oqt_jax.quant.points import EXTRA_DEFAULTS
   return q[name] if name in q else EXTRA_DEFAULTS[name]
 
 

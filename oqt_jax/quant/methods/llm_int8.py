@@ -60,6 +60,7 @@ import numpy as np
 from flax import traverse_util
 
 from oqt_jax.quant import weight_int8
+from oqt_jax.quant.calibrate import MODEL_INPUTS, strip
 
 DEFAULT_THRESHOLD = 6.0
 PRESET: dict = dict(llm_int8_threshold=DEFAULT_THRESHOLD)
@@ -268,7 +269,6 @@ def llm_int8(model, variables, threshold: float = DEFAULT_THRESHOLD, *,
 
 @functools.lru_cache(maxsize=8)
 def _fractions_fn(model):
-  from oqt_jax.quant.calibrate import MODEL_INPUTS
 
   def f(variables, batch):
     inputs = {k: batch[k] for k in MODEL_INPUTS[model.cfg.model_type] if k in batch}
@@ -285,7 +285,6 @@ def _fractions_fn(model):
 
 def outlier_fractions(qmodel, qvariables, batches: Iterable) -> dict[str, float]:
   """{Dense layer path: fraction of its input dims that were outliers}, averaged over batches."""
-  from oqt_jax.quant.calibrate import strip
   fn = _fractions_fn(qmodel)
   v = strip(qvariables)
   acc, n = None, 0

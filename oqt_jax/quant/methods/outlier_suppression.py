@@ -107,8 +107,11 @@ from flax import traverse_util
 
 from oqt_jax.errors import ConfigError
 from oqt_jax.quant.calibrate import calibrate, model_inputs, strip
-from oqt_jax.quant.hooks import COLLECTION, QuantHooks, token_mask_for
-from oqt_jax.quant.methods import lsq, migration
+from oqt_jax.quant import lsq
+from oqt_jax.quant.hooks import QuantHooks
+from oqt_jax.quant.layout import COLLECTION, token_mask_for
+from oqt_jax.quant.methods import migration
+from oqt_jax.quant.points import config as quant_config
 from oqt_jax.quant.points import split_name, validate_quant_config
 from oqt_jax.quant.quantizers import int_grid
 
@@ -624,9 +627,8 @@ def outlier_suppression_method(model, variables, batches: Iterable[Any], qcfg=No
   (absmax / ((q_max - q_min) / 2), `original_weight_scales`; original_weight_scale=False
   keeps oqt_jax's absmax / q_max). qcfg None: quant.config(**PRESET).
   Returns (qmodel, qvariables) [+ the TWC info]."""
-  from oqt_jax.quant.points import config
   if qcfg is None:
-    qcfg = config(**PRESET)
+    qcfg = quant_config(**PRESET)
   if 'quant' in qcfg:
     qcfg = qcfg.quant
   model, variables = gamma_migration(model, variables)

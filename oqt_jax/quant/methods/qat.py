@@ -46,8 +46,11 @@ from flax import traverse_util
 
 from oqt_jax.errors import ConfigError
 from oqt_jax.quant import quantizers
+from oqt_jax.quant.calibrate import _step_fn, calibrate, model_inputs
 from oqt_jax.quant.hooks import COLLECTION, QuantHooks
+from oqt_jax.quant.points import config as quant_config
 from oqt_jax.quant.points import split_name
+from oqt_jax.quant.quantizers import minmax_quantize  # noqa: F401  (qat.minmax_quantize)
 
 LEARNABLE = {'none': (), 'fixed': (), 'minmax': ('delta', 'zero_float'), 'lsq': ('scale',),
              'lsq+': ('scale', 'zero_point')}
@@ -181,28 +184,6 @@ def minmax_init(x_min, x_max, n_bits: int, symmetric: bool, x_neg=None) -> dict:
           'q_min': jnp.float32(q_min), 'q_max': jnp.float32(q_max)}
 
 
-def minmax_quantize(x, delta, zero_float, q_min, q_max, eps: float = quantizers.EPS):
-  """The original's AsymmetricUniformQuantizer (zero_float given) / SymmetricUniformQuantizer
-  (zero_float None) forward pass, differentiable in delta and zero_float:
-    scale = clamp(delta, min=eps)
-    z     = clamp(round_ste(zero_float), q_min, q_max)           (0 if symmetric)
-    x_int = clamp(round_ste(x / scale) + z, q_min, q_max)
-    q(x)  = scale * (x_int - z)
-  (round half to even, clamp gradients 1 on [lo, hi] bounds included, as torch). delta and
-  zero_float broadcast against x; arithmetic in float32, the output has x's dtype."""
-  xf = jnp.asarray(x, jnp.float32)
-  delta = jnp.asarray(delta, jnp.float32)
-  scale = jnp.where(delta < eps, jnp.float32(eps), delta)
-  if zero_float is None:
-    z = jnp.float32(0)
-  else:
-    z = quantizers.clamp(quantizers.round_ste(jnp.asarray(zero_float, jnp.float32)), q_min,
-                         q_max)
-  x_int = quantizers.clamp(quantizers.round_ste(quantizers.true_divide(xf, scale)) + z,
-                           q_min, q_max)
-  return (scale * (x_int - z)).astype(jnp.asarray(x).dtype)
-
-
 def range_optimizer(schedule) -> optax.GradientTransformation:
   """Adam on the ranges, on the parameters' learning-rate schedule (no weight decay)."""
   return optax.adam(schedule)
@@ -211,7 +192,6 @@ def range_optimizer(schedule) -> optax.GradientTransformation:
 # ---- setting up the train state --------------------------------------------------------------
 def calibrate_ranges(model, params, batches: Iterable[Any], config, *, progress=False):
   """The QAT starting point: calibrated ranges in the learned parameterisation."""
-  from oqt_jax.quant.calibrate import calibrate
   qmodel, qvars = calibrate(model, {'params': params}, batches, config.quant,
                             progress=progress)
   return to_learned(jax.device_get(qvars[COLLECTION]), qmodel.quant.rules,
@@ -220,7 +200,6 @@ def calibrate_ranges(model, params, batches: Iterable[Any], config, *, progress=
 
 def abstract_quant(model, config, params_shapes, batch) -> Any:
   """ShapeDtypeStructs of the QAT 'quant' collection (the restore target)."""
-  from oqt_jax.quant.calibrate import _step_fn, model_inputs
   hooks = QuantHooks.build(config.quant, model.cfg)
   init = _step_fn(model.clone(quant=None), hooks, 'init')
   inputs = model_inputs(model, {k: v for k, v in batch.items()})
@@ -255,8 +234,6 @@ def load_exported(model_dir: Optional[str]):
   """(quant ConfigDict, 'quant' collection) of a QAT export, or None if `model_dir` has none."""
   if not model_dir or not os.path.exists(os.path.join(model_dir, STATE_FILE)):
     return None
-  import ml_collections
-  from oqt_jax.quant.points import config as quant_config
   with open(os.path.join(model_dir, CONFIG_FILE)) as fh:
     d = json.load(fh)
   if isinstance(d.get('adaround_beta'), list):

@@ -46,8 +46,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from oqt_jax.models.layers import LayerNorm
-from oqt_jax.quant.calibrate import model_inputs
+from oqt_jax.quant.calibrate import calibrate, model_inputs
 from oqt_jax.quant.methods import migration
+from oqt_jax.quant.points import config as quant_config
 
 CLAMP = 1e-5
 
@@ -138,10 +139,8 @@ def smoothquant_method(model, variables, batches: Iterable[Any], qcfg=None, prog
   The activation maxima and the calibration use the first qcfg.est_num_batches batches;
   alpha is qcfg.smoothquant_alpha. qcfg None: quant.config(**PRESET) (the original's W8A8).
   """
-  from oqt_jax.quant.calibrate import calibrate, model_inputs
-  from oqt_jax.quant.points import config
   if qcfg is None:
-    qcfg = config(**PRESET)
+    qcfg = quant_config(**PRESET)
   if 'quant' in qcfg:   # a full experiment config
     qcfg = qcfg.quant
   n = int(qcfg.get('est_num_batches', 16))
