@@ -240,11 +240,7 @@ class QuantHooks:
       module.put_variable(COLLECTION, name, state)
       return x
     if mode == 'stats':
-      if needs_stats:
-        state = dict(self._read(module, name, 'stats'))
-        state['fp'] = fp_range_update(state['fp'], x, m)
-        module.put_variable(COLLECTION, name, state)
-      return x
+      return self._keep_fp_stats(module, name, x, m, needs_stats)
     if not spec.enabled:
       return x
 
@@ -282,6 +278,14 @@ class QuantHooks:
                                         x_min, x_max, x_neg=spec.x_neg)
     return xq.astype(out_dtype)
 
+  def _keep_fp_stats(self, module, name, x, m, needs_stats):
+    """'stats' mode: update the FP range statistics kept for a permutation source."""
+    if needs_stats:
+      state = dict(self._read(module, name, 'stats'))
+      state['fp'] = fp_range_update(state['fp'], x, m)
+      module.put_variable(COLLECTION, name, state)
+    return x
+
   def _act_per_token(self, module, name, spec, x, m, needs_stats):
     """act() of a 'per_token' point: one range per row of the last axis, from x itself in
     every mode that quantizes (no state; 'init' / 'stats' only keep a permutation source's FP
@@ -296,11 +300,7 @@ class QuantHooks:
             'fp': {'range': jnp.zeros((d,), jnp.float32), 'n': jnp.zeros((), jnp.int32)}})
       return x
     if mode == 'stats':
-      if needs_stats:
-        state = dict(self._read(module, name, 'stats'))
-        state['fp'] = fp_range_update(state['fp'], x, m)
-        module.put_variable(COLLECTION, name, state)
-      return x
+      return self._keep_fp_stats(module, name, x, m, needs_stats)
     if not spec.enabled:
       return x
     xf = jax.lax.stop_gradient(x.astype(jnp.float32))
