@@ -125,13 +125,3 @@ def test_convert_smoke_end_to_end(tiny_bert, tmp_path):
   assert (out / 'per_layer.png').exists()
   assert convert.main(['--smoke', '--hf_model', tiny_bert, '--out', str(out),
                        '--variants', 'nope']) == 2
-
-
-def test_readme_tables_are_the_results_files():
-  """README's conversion tables are results/convert*/results.md, as the script wrote them."""
-  import re
-  readme = open(os.path.join(ROOT, 'README.md')).read()
-  for name in ('results/convert/results.md', 'results/convert_dropout/results.md'):
-    m = re.search(rf'<!-- {re.escape(name)} -->\n(.*?)\n<!-- end -->', readme, re.S)
-    assert m, name
-    assert m.group(1).strip() == open(os.path.join(ROOT, name)).read().strip(), name
