@@ -48,6 +48,7 @@ def model_defaults() -> ml_collections.ConfigDict:
   # 'normal': N(0, init_std) weights, zero biases (HF's init).
   m.attention_init = 'normal'
   m.gate_mlp2 = False              # per-head gate Linear(d_head, d_head) -> ReLU -> Linear(d_head, 1)
+  m.norm = 'layernorm'             # 'layernorm' | 'ssnorm' (single-scale RMSNorm, Outlier-Safe Pre-training)
   return m
 
 
@@ -135,6 +136,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.learning_rate = 1e-4
   c.warmup_steps = 10_000
   c.lr_schedule = 'linear'         # 'linear' | 'cosine' | 'constant'
+  c.optimizer = 'adamw'            # 'adamw' | 'muon' (Muon on the hidden weight matrices, AdamW on the rest)
   c.adam_b1 = 0.9
   c.adam_b2 = 0.999
   c.adam_eps = 1e-8

@@ -135,6 +135,16 @@ def elementwise_gate(c):
   return c
 
 
+def outlier_safe(c):
+  """Outlier-Safe Pre-training's recipe (Park et al., 2025) with vanilla attention: Muon on
+  the hidden weight matrices and every norm a single-scale RMSNorm (its learnable embedding
+  projection is not included)."""
+  c.model.softmax, c.model.gate = 'vanilla', 'none'
+  c.model.norm = 'ssnorm'
+  c.optimizer = 'muon'
+  return c
+
+
 def bigram_backcopy(c):
   """A pre-LN OPT small enough for 2 CPU cores on the synthetic Bigram-Backcopy task.
 

@@ -46,11 +46,13 @@ VARIANTS = {
     'softmax1': recipes.softmax1,
     'sink': recipes.sink,
     'elementwise_gate': recipes.elementwise_gate,
+    'osp': recipes.outlier_safe,
 }
 LABELS = {
     'vanilla': 'vanilla', 'clipped_softmax': 'clipped softmax', 'gated_attention':
     'gated attention', 'softmax1': 'softmax1 (off by one)', 'sink': 'learned sink logit',
     'elementwise_gate': 'elementwise output gate',
+    'osp': 'Outlier-Safe (Muon + single-scale RMSNorm)',
 }
 
 # Budget and size per mode (applied on top of recipes.bigram_backcopy).

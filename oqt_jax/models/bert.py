@@ -47,7 +47,8 @@ class BertEmbeddings(nn.Module):
     x = x + emb('position_embeddings', cfg.max_position_embeddings, 'Ep')(position_ids)
     x = constrain(qact(q, self, 'e', x, tok_mask), EMBED_AXES)
     x, f = ln_output(LayerNorm(point='eln', eps=cfg.layer_norm_eps, dtype=dtype, quant=q,
-                               migrated=cfg.gamma_migrated, name='LayerNorm')(x, tok_mask))
+                               kind=cfg.norm, migrated=cfg.gamma_migrated,
+                               name='LayerNorm')(x, tok_mask))
     x = constrain(Dropout(cfg.hidden_dropout)(x, deterministic=deterministic), EMBED_AXES)
     return x if f is None else (x, f)
 
@@ -64,8 +65,8 @@ class BertLayer(nn.Module):
     dtype = dtype_of(cfg.dtype)
     drop = lambda t: Dropout(cfg.hidden_dropout)(t, deterministic=deterministic)
     ln = lambda point, name, mig=cfg.gamma_migrated: LayerNorm(
-        point=f'{point}{i}', eps=cfg.layer_norm_eps, dtype=dtype, quant=q, migrated=mig,
-        name=name)
+        point=f'{point}{i}', eps=cfg.layer_norm_eps, dtype=dtype, quant=q, kind=cfg.norm,
+        migrated=mig, name=name)
     residual = restore(x, x_scale)
     attn = MultiHeadAttention(cfg, layer=i, quant=q, name='attention')(
         x, residual, attn_mask, tok_mask, deterministic)
@@ -132,8 +133,8 @@ class Bert(nn.Module):
       hm = Dense(cfg.hidden_size, point='Mt', activation=cfg.activation,
                  kernel_axes=('embed', 'mlp'), init_std=cfg.init_std, dtype=dtype, quant=q,
                  name='mlm_transform')(x, tok_mask)
-      hm = LayerNorm(point='Mln', eps=cfg.layer_norm_eps, dtype=dtype, quant=q, name='mlm_ln')(
-          constrain(hm, EMBED_AXES), tok_mask)
+      hm = LayerNorm(point='Mln', eps=cfg.layer_norm_eps, dtype=dtype, quant=q, kind=cfg.norm,
+                     name='mlm_ln')(constrain(hm, EMBED_AXES), tok_mask)
       hm = constrain(hm, EMBED_AXES)
       bias = self.param('mlm_bias', nn.with_logical_partitioning(nn.initializers.zeros,
                                                                  ('vocab',)),

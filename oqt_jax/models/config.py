@@ -16,6 +16,7 @@ SINK_SOFTMAXES = ('softmax1', 'sink')   # beyond the paper: a softmax with room 
 ATTENTION_INITS = ('normal', 'torch_default')
 ACTIVATIONS = ('gelu', 'gelu_new', 'relu')
 HEADS = ('auto', 'mlm', 'clm', 'cls', 'none')
+NORMS = ('layernorm', 'ssnorm')
 DTYPES = ('float32', 'bfloat16', 'float16')
 
 
@@ -73,6 +74,9 @@ class ModelConfig:
   dtype: str = 'float32'
   attention_init: str = 'normal'
   gate_mlp2: bool = False
+  # 'layernorm' | 'ssnorm': every LayerNorm a single-scale RMSNorm (Outlier-Safe Pre-training):
+  # x / rms(x) * g with one learned scalar g (init 1), no bias, no per-channel gamma.
+  norm: str = 'layernorm'
   # Set by quant.gamma_migration / quant.smoothquant (not a training knob): the LayerNorms
   # that feed the next layer keep a per-dim factor out of their output (LayerNorm.migrated).
   gamma_migrated: bool = False
@@ -134,6 +138,11 @@ class ModelConfig:
       bad('gate_init', 'must be in (0, 1)')
     if self.gate_last_init_std != -1.0 and not self.gate_last_init_std >= 0.0:
       bad('gate_last_init_std', 'expected -1 (the original\'s) or a std >= 0')
+    if self.norm not in NORMS:
+      bad('norm', f'expected one of {NORMS}')
+    if self.norm == 'ssnorm' and self.gamma_migrated:
+      bad('norm', 'Gamma Migration / SmoothQuant move a per-channel gamma out of the '
+          'LayerNorm; a single-scale RMSNorm has none')
     if self.gate_mlp and self.gate_linear_all_features:
       bad('gate_mlp', 'gate_mlp and gate_linear_all_features are exclusive')
     if self.gate_mlp2 and (self.gate_mlp or self.gate_linear_all_features):

@@ -50,7 +50,7 @@ from oqt_jax.models.opt import POSITION_OFFSET, Opt
 log = logging.getLogger(__name__)
 
 VARIANT_FIELDS = ('softmax', 'alpha', 'softmax_T', 'gate', 'gate_mlp', 'gate_linear_all_features',
-                  'gate_init', 'fine_tuning', 'gate_mlp2', 'gate_last_init_std')
+                  'gate_init', 'fine_tuning', 'gate_mlp2', 'gate_last_init_std', 'norm')
 ARCH_HEADS = {
     'BertModel': 'none', 'BertForMaskedLM': 'mlm', 'BertForPreTraining': 'mlm',
     'BertForSequenceClassification': 'cls', 'OPTModel': 'none', 'OPTForCausalLM': 'clm',
@@ -102,7 +102,16 @@ def _top(entries):
 
 
 def param_map(cfg: mcfg.ModelConfig) -> Iterator[tuple[tuple, str, bool]]:
-  """(flax param path, HF tensor name without the model prefix, transpose?) for every param."""
+  """(flax param path, HF tensor name without the model prefix, transpose?) for every param.
+  A single-scale RMSNorm model (norm='ssnorm') stores each norm's scalar as its '.weight' and
+  has no '.bias'."""
+  for fpath, key, transpose in _param_map(cfg):
+    if cfg.norm == 'ssnorm' and key.endswith(('LayerNorm.bias', 'layer_norm.bias')):
+      continue
+    yield fpath, key, transpose
+
+
+def _param_map(cfg: mcfg.ModelConfig) -> Iterator[tuple[tuple, str, bool]]:
   if cfg.model_type == 'bert':
     yield ('word_embeddings', 'embedding'), 'embeddings.word_embeddings.weight', False
     yield ('embeddings', 'position_embeddings', 'embedding'), 'embeddings.position_embeddings.weight', False
@@ -397,6 +406,9 @@ def export_warning(cfg: mcfg.ModelConfig) -> str | None:
   gamma, zeta = cfg.clip_gamma_zeta
   if (gamma, zeta) != (0.0, 1.0):
     what.append(f'clipped softmax (gamma={gamma:g}, zeta={zeta:g})')
+  if cfg.norm == 'ssnorm':
+    return ('transformers cannot load this model: its norms are single-scale RMSNorms (one '
+            'scalar weight each, no bias). Use oqt_jax (hf.load).')
   if not what:
     return None
   return (f'transformers will load this model WITHOUT its {" and ".join(what)}: its '
@@ -493,7 +505,8 @@ def save(model: nn.Module, variables: dict, out_dir, tokenizer=None) -> str:
       arr = np.asarray(jax.device_get(_get(params, fpath)), dtype=np.float32)
     except KeyError as e:
       raise CheckpointError(f'parameter {"/".join(fpath)} missing from the variables') from e
-    tensors[_hf_name(cfg, key)] = np.ascontiguousarray(arr.T if transpose else arr)
+    arr = arr.T if transpose else arr
+    tensors[_hf_name(cfg, key)] = np.ascontiguousarray(arr).reshape(arr.shape)   # 0-d stays 0-d
   save_file(tensors, os.path.join(out_dir, 'model.safetensors'), metadata={'format': 'pt'})
   with open(os.path.join(out_dir, 'config.json'), 'w') as fh:
     json.dump(config_to_hf(cfg), fh, indent=2, sort_keys=True)

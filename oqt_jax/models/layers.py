@@ -272,6 +272,10 @@ class Embed(nn.Module):
 class LayerNorm(nn.Module):
   """LayerNorm computed in float32; gamma ('scale') and the output are quantization points.
 
+  `kind='ssnorm'` (Outlier-Safe Pre-training's single-scale RMSNorm): y = x / rms(x) * g with
+  rms(x) = sqrt(mean(x^2) + eps) and one learned scalar g ('scale', shape (), init 1); no bias,
+  no mean subtraction, so no channel can be scaled on its own.
+
   `migrated=True` (Gamma Migration / SmoothQuant, see quant/methods/outlier_suppression.py):
   the module has one more parameter, 'migrated_scale' (D,), a per-dim factor f that was
   divided out of this LN (scale and bias hold gamma / f and beta / f) and multiplied into the
@@ -284,10 +288,21 @@ class LayerNorm(nn.Module):
   dtype: Dtype = jnp.float32
   quant: Any = None
   migrated: bool = False
+  kind: str = 'layernorm'
 
   @nn.compact
   def __call__(self, x, mask=None):
     d = x.shape[-1]
+    if self.kind == 'ssnorm':
+      g = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, ()), (),
+                     jnp.float32)
+      g = qweight(self.quant, self, 'w' + self.point, g)
+      xf = x.astype(jnp.float32)
+      y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps) * g
+      if self.quant is None:
+        return y.astype(self.dtype)
+      y = qact(self.quant, self, self.point, y, mask)
+      return y if keeps_float32(self.quant, self.point) else y.astype(self.dtype)
     scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, ('norm',)),
                        (d,), jnp.float32)
     bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, ('norm',)),

@@ -53,8 +53,8 @@ class OptLayer(nn.Module):
     pre = cfg.do_layer_norm_before
     drop = lambda t: Dropout(cfg.hidden_dropout)(t, deterministic=deterministic)
     ln = lambda point, name, mig=cfg.gamma_migrated: LayerNorm(
-        point=f'{point}{i}', eps=cfg.layer_norm_eps, dtype=dtype, quant=q, migrated=mig,
-        name=name)
+        point=f'{point}{i}', eps=cfg.layer_norm_eps, dtype=dtype, quant=q, kind=cfg.norm,
+        migrated=mig, name=name)
     sow = lambda n, v: self.sow('intermediates', n, v)
 
     residual = restore(x, x_scale)
@@ -167,8 +167,8 @@ class Opt(nn.Module):
       x, f = ln_output(OptLayer(cfg, layer=i, quant=q, name=f'decoder_layer_{i}')(
           x, attn_mask, tok_mask, deterministic, decode, cache_index, x_scale=f))
     if cfg.do_layer_norm_before and not cfg.remove_final_layer_norm:
-      x = LayerNorm(point='fln', eps=cfg.layer_norm_eps, dtype=dtype, quant=q, name='final_ln')(
-          x, tok_mask)
+      x = LayerNorm(point='fln', eps=cfg.layer_norm_eps, dtype=dtype, quant=q, kind=cfg.norm,
+                    name='final_ln')(x, tok_mask)
       x = constrain(x, EMBED_AXES)
       self.sow('intermediates', 'final_ln_output', x)
     if project:

@@ -12,6 +12,7 @@ from typing import Any
 from oqt_jax.errors import ConfigError
 
 LR_SCHEDULES = ('linear', 'cosine', 'constant')
+OPTIMIZERS = ('adamw', 'muon')
 COMPUTE_DTYPES = ('float32', 'bfloat16', 'float16')
 NONFINITE_MODES = ('stop', 'skip')
 MESH_AXES = ('data', 'fsdp', 'tensor')
@@ -64,6 +65,9 @@ def validate_train_config(config) -> None:
   sched = _get(config, 'lr_schedule', 'linear')
   if sched not in LR_SCHEDULES:
     _bad('lr_schedule', sched, f'expected one of {LR_SCHEDULES}')
+  opt = _get(config, 'optimizer', 'adamw')
+  if opt not in OPTIMIZERS:
+    _bad('optimizer', opt, f'expected one of {OPTIMIZERS}')
   _float(config, 'adam_b1', lo=0.0, hi=1.0, hi_open=True)
   _float(config, 'adam_b2', lo=0.0, hi=1.0, hi_open=True)
   _float(config, 'adam_eps', lo=0.0, lo_open=True)

@@ -17,6 +17,7 @@ import threading
 import time
 from typing import Any, Optional, Sequence
 
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
@@ -36,7 +37,8 @@ from oqt_jax.train.metrics import MetricWriter
 from oqt_jax.train.guards import (NonFiniteMonitor, check_batch, nonfinite_leaves,
                                   window_record)
 from oqt_jax.train.optimizer import make_optimizer
-from oqt_jax.train.state import TrainState, abstract_state, create_train_state, state_shardings
+from oqt_jax.train.state import (TrainState, abstract_params, abstract_state, create_train_state,
+                                 state_shardings)
 from oqt_jax.train.step import make_train_step
 
 TRAIN_HEADS = ('mlm', 'clm', 'cls')
@@ -229,7 +231,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   if config.get('num_train_epochs', -1) > 0 or config.get('warmup_ratio', -1.0) >= 0:
     config = init_lib.resolve_schedule(config, train_ds.num_examples, global_rows * accum)
-  tx, schedule = make_optimizer(config)
+  tx, schedule = make_optimizer(config, nn.meta.unbox(abstract_params(model)))
   shardings = state_shardings(model, tx, mesh)
   ckpt = Checkpointer(workdir, keep=config.keep_checkpoints, every=config.checkpoint_every_steps)
   target = abstract_state(model, tx, mesh, shardings)

@@ -65,15 +65,37 @@ def abstract_params(model: nn.Module, seq_len: int = INIT_SEQ_LEN):
       jax.random.PRNGKey(0))
 
 
+def _names(path) -> tuple:
+  return tuple(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path)
+
+
+def opt_state_shardings(abstract_opt, params, p_shard, rep):
+  """The optimizer state's shardings: a leaf whose key path ends with a parameter's path and
+  has its shape (Adam's mu / nu, Muon's momentum, also inside optax.multi_transform's
+  partitions) is sharded like that parameter; counts and the rest are replicated."""
+  by_path = {}
+  for (path, leaf), sharding in zip(jax.tree_util.tree_flatten_with_path(params)[0],
+                                    jax.tree.leaves(p_shard)):
+    by_path[_names(path)] = (tuple(leaf.shape), sharding)
+
+  def one(path, leaf):
+    names = _names(path)
+    for start in range(len(names)):
+      hit = by_path.get(names[start:])
+      if hit is not None and hit[0] == tuple(getattr(leaf, 'shape', ())):
+        return hit[1]
+    return rep
+  return jax.tree_util.tree_map_with_path(one, abstract_opt)
+
+
 def state_shardings(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh,
                     rules=shd.LOGICAL_AXIS_RULES) -> TrainState:
   """A TrainState whose leaves are the NamedShardings of the real state's leaves."""
   boxed = abstract_params(model)
   p_shard = shd.tree_shardings(boxed, mesh, rules)
-  abstract_opt = jax.eval_shape(tx.init, nn.meta.unbox(boxed))
+  params = nn.meta.unbox(boxed)
   rep = shd.replicated(mesh)
-  o_shard = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, p_shard,
-                                  transform_non_params=lambda _: rep)
+  o_shard = opt_state_shardings(jax.eval_shape(tx.init, params), params, p_shard, rep)
   return TrainState(step=rep, params=p_shard, opt_state=o_shard, rng=rep,
                     apply_fn=model.apply, tx=tx)
 

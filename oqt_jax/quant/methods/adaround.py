@@ -143,7 +143,7 @@ def layer_forward(kind: str, w, x, bias=None, activation: Optional[str] = None):
   if kind == 'embed':
     return jnp.take(w, x, axis=0)
   if kind == 'ln':
-    return x * w + bias
+    return x * w if bias is None else x * w + bias
   y = jnp.einsum('...i,io->...o', x, w)
   if bias is not None:
     y = y + bias
@@ -239,12 +239,14 @@ def optimise_layer(kind: str, w, scale, zero_point, q_min, q_max, x, target, *, 
 @dataclasses.dataclass(frozen=True)
 class Layer:
   """A module with a weight: its path, weight point, kind ('dense' | 'embed' | 'ln'), the
-  Dense layer's fused activation and the LayerNorm's eps."""
+  Dense layer's fused activation, the LayerNorm's eps and whether it is a single-scale RMSNorm
+  (`rms`: no mean subtraction, no bias)."""
   path: tuple
   point: str
   kind: str
   activation: Optional[str] = None
   eps: float = 0.0
+  rms: bool = False
 
   @property
   def param(self) -> str:
@@ -266,7 +268,7 @@ def _as_layer(ctx, args, kwargs) -> Optional[Layer]:
       return None
     return Layer(path, kwargs.get('wpoint') or mod.wpoint, 'embed')
   if kind == 'LayerNorm':
-    return Layer(path, 'w' + mod.point, 'ln', eps=float(mod.eps))
+    return Layer(path, 'w' + mod.point, 'ln', eps=float(mod.eps), rms=mod.kind == 'ssnorm')
   return None
 
 
@@ -302,7 +304,7 @@ def _tap_all(model, layers: tuple):
         x = args[0] if args else next(iter(kwargs.values()))
         if layer.kind == 'ln':
           xf = x.astype(jnp.float32)
-          mu = jnp.mean(xf, axis=-1, keepdims=True)
+          mu = 0.0 if layer.rms else jnp.mean(xf, axis=-1, keepdims=True)
           var = jnp.mean(jnp.square(xf - mu), axis=-1, keepdims=True)
           x = (xf - mu) * jax.lax.rsqrt(var + layer.eps)
         elif layer.kind == 'dense':

@@ -22,11 +22,16 @@ import flax
 import jax
 import numpy as np
 
+from oqt_jax.errors import ConfigError
+
 QKV = ('query', 'key', 'value')
 
 
 def ln_consumers(cfg) -> list[tuple[tuple[str, ...], list[tuple[str, ...]]]]:
   """[(LayerNorm param path, [paths of the Dense layers reading its output]), ...]."""
+  if getattr(cfg, 'norm', 'layernorm') == 'ssnorm':
+    raise ConfigError("model.norm='ssnorm': Gamma Migration and SmoothQuant move a per-channel "
+                      'factor out of each LayerNorm; a single-scale RMSNorm has none to move')
   n = int(cfg.num_layers)
   out = []
   if cfg.model_type == 'bert':
