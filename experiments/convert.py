@@ -47,7 +47,7 @@ MODES = {
                   global_batch_size=4, checkpoint_every_steps=2, log_every_steps=2,
                   max_seq_length=32),
 }
-EVAL = {'full': (16, 4), 'quick': (16, 2), 'smoke': (4, 2)}   # (batch size, batches)
+EVAL = {'full': (16, 4), 'quick': (16, 2), 'smoke': (4, 1)}   # (batch size, batches)
 
 
 def make_tiny_bert(path: str) -> str:

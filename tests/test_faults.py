@@ -366,7 +366,7 @@ def test_sigkill_at_random_steps_and_full_disk_reproduce_the_run(tmp_path, seed_
   testing.seed_workdir(seed_dir, str(workdir))
   rng = random.Random(7)
   kills = []
-  while len(kills) < 3:
+  while len(kills) < 2:
     target = max(_losses(workdir), default=0) + rng.randint(2, 5)
     rc, err = _kill_at(workdir, env, target)
     assert rc == -signal.SIGKILL, err[-3000:]
@@ -392,4 +392,4 @@ def test_sigkill_at_random_steps_and_full_disk_reproduce_the_run(tmp_path, seed_
       (ref / 'hf' / 'model.safetensors').read_bytes()
   resumes = [r for r in metrics.read_metrics(str(workdir), kind='event').values()
              if r.get('event') == 'resume']
-  assert len(resumes) >= 3
+  assert len(resumes) >= len(kills)

@@ -65,8 +65,7 @@ def _close_trees(a, b, rtol=1e-5, atol=1e-6):
 
 # k rows gathered from each of `groups` groups of sequences: the masked ones / too many masked
 # -> every position in passes of k (k = 24 does not divide the 128 tokens: a padded last pass).
-@pytest.mark.parametrize('p,k,groups', [(0.15, 32, 1), (0.5, 32, 1), (0.5, 24, 1),
-                                        (0.15, 16, 2), (0.5, 24, 2)])
+@pytest.mark.parametrize('p,k,groups', [(0.15, 32, 1), (0.15, 16, 2), (0.5, 24, 2)])
 def test_gathered_mlm_loss_and_grads_equal_full_head(bert, p, k, groups):
   model, params = bert
   batch = _mlm_batch(0, p)
@@ -127,7 +126,7 @@ def _clm_batch(seed):
   return dict(input_ids=ids, attention_mask=mask, labels=labels)
 
 
-@pytest.mark.parametrize('chunk_rows', [B * T, B * 8, 1])
+@pytest.mark.parametrize('chunk_rows', [B * 8, 1])
 def test_chunked_clm_loss_and_grads_equal_full_logits(opt, chunk_rows):
   model, params = opt
   batch = _clm_batch(0)

@@ -163,10 +163,8 @@ def test_methods_on_a_single_scale_model_run_or_say_why_not():
   rs = np.random.RandomState(0)
   batches = [dict(input_ids=rs.randint(3, 40, (4, 12)).astype(np.int32),
                   attention_mask=np.ones((4, 12), np.int32)) for _ in range(2)]
-  for name, qcfg in (('w8a8_minmax', None), ('adaround', dict(adaround_iters=2,
-                                                                adaround_samples=4))):
-    qmodel, qv, _ = methods.run(name, model, v, batches, qcfg)
-    assert np.isfinite(np.asarray(qmodel.apply(qv, **batches[0]).logits)).all(), name
+  qmodel, qv, _ = methods.run('w8a8_minmax', model, v, batches)
+  assert np.isfinite(np.asarray(qmodel.apply(qv, **batches[0]).logits)).all()
   for name in ('smoothquant', 'outlier_suppression'):
     with pytest.raises(ConfigError, match="model.norm='ssnorm'"):
       methods.run(name, model, v, batches)
