@@ -231,7 +231,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   if config.get('num_train_epochs', -1) > 0 or config.get('warmup_ratio', -1.0) >= 0:
     config = init_lib.resolve_schedule(config, train_ds.num_examples, global_rows * accum)
-  tx, schedule = make_optimizer(config, nn.meta.unbox(abstract_params(model)))
+  muon = config.get('optimizer', 'adamw') == 'muon'   # Muon needs to know the param shapes
+  tx, schedule = make_optimizer(config, nn.meta.unbox(abstract_params(model)) if muon else None)
   shardings = state_shardings(model, tx, mesh)
   ckpt = Checkpointer(workdir, keep=config.keep_checkpoints, every=config.checkpoint_every_steps)
   target = abstract_state(model, tx, mesh, shardings)
