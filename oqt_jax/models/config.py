@@ -105,9 +105,10 @@ class ModelConfig:
     return gamma, zeta
 
   def replace(self, **kw) -> 'ModelConfig':
-    cfg = dataclasses.replace(self, **kw)
-    cfg.validate()
-    return cfg
+    return dataclasses.replace(self, **kw)   # validated on construction
+
+  def __post_init__(self):
+    self.validate()   # every ModelConfig is valid: the layers that take one never check again
 
   # ---- validation ----------------------------------------------------------------
   def validate(self) -> 'ModelConfig':
@@ -177,7 +178,7 @@ class ModelConfig:
 def from_config(model_cfg: Mapping[str, Any] | Any) -> ModelConfig:
   """Build a validated ModelConfig from `config.model` (ConfigDict or dict)."""
   if isinstance(model_cfg, ModelConfig):
-    return model_cfg.validate()
+    return model_cfg
   d = dict(model_cfg.to_dict() if hasattr(model_cfg, 'to_dict') else model_cfg)
   names = {f.name for f in dataclasses.fields(ModelConfig)}
   unknown = sorted(set(d) - names)

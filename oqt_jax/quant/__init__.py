@@ -7,6 +7,8 @@
   qmodel, qvariables = quant.adaround(model, variables, batches, qcfg)   # AdaRound weights
   out = qmodel.apply(qvariables, input_ids, attention_mask=mask)
   quant.validate_quant_config(config)      # ConfigError 'quant.<field>=...: why'
+  qcfg = quant.resolved(config)            # validated once: a read-only QuantConfig that
+                                           # calibrate / the methods take without re-checking
   model, variables = quant.gamma_migration(model, variables)            # Outlier Suppression
   qmodel, qvariables = quant.token_wise_clipping(model, variables, batches, qcfg)
   model, variables = quant.smoothquant(model, variables, batches, alpha=0.5)
@@ -20,8 +22,8 @@ protocol over the 'quant' collection), calibrate (calibration flow), weight_int8
 """
 from oqt_jax.quant.calibrate import calibrate, model_inputs, quant_ranges
 from oqt_jax.quant.hooks import QuantHooks
-from oqt_jax.quant.points import (QUANT_SETUPS, PointSpec, Rules, config, describe,
-                                  parse_quant_dict, validate_quant_config)
+from oqt_jax.quant.points import (QUANT_SETUPS, PointSpec, QuantConfig, Rules, config, describe,
+                                  parse_quant_dict, resolved, validate_quant_config)
 from oqt_jax.quant.quantizers import quantize_dequantize, scale_zero_point
 from oqt_jax.quant.methods.outlier_suppression import gamma_migration, token_wise_clipping
 from oqt_jax.quant.methods.smoothquant import smoothquant
@@ -40,9 +42,10 @@ def rules(qcfg, model_cfg) -> Rules:
   return Rules.build(qcfg, model_cfg)
 
 
-__all__ = ['QUANT_SETUPS', 'PointSpec', 'QuantHooks', 'Rules', 'adaround', 'calibrate', 'config',
-           'describe', 'hooks', 'model_inputs', 'parse_quant_dict', 'quant_ranges',
-           'quantize_dequantize', 'rules', 'scale_zero_point', 'validate_quant_config',
+__all__ = ['QUANT_SETUPS', 'PointSpec', 'QuantConfig', 'QuantHooks', 'Rules', 'adaround',
+           'calibrate', 'config', 'describe', 'hooks', 'model_inputs', 'parse_quant_dict',
+           'quant_ranges', 'quantize_dequantize', 'resolved', 'rules', 'scale_zero_point',
+           'validate_quant_config',
            'gamma_migration', 'token_wise_clipping', 'smoothquant']
 
 # Weight quantization of the article (absmax / zero-point, weight-only int8) and LLM.int8().

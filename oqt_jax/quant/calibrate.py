@@ -30,7 +30,7 @@ from flax import traverse_util
 
 from oqt_jax.quant import quantizers
 from oqt_jax.quant.hooks import COLLECTION, QuantHooks
-from oqt_jax.quant.points import validate_quant_config
+from oqt_jax.quant.points import resolved
 
 MODEL_INPUTS = {'bert': ('input_ids', 'attention_mask', 'token_type_ids'),
                 'opt': ('input_ids', 'attention_mask')}
@@ -119,9 +119,7 @@ def calibrate(model, variables, batches: Iterable[Any], qcfg, *, num_batches=Non
     (qmodel, qvariables): qmodel = model.clone(quant=QuantHooks(...frozen|dynamic)),
     qvariables = variables + the calibrated 'quant' collection.
   """
-  if 'quant' in qcfg:   # a full experiment config
-    qcfg = qcfg.quant
-  validate_quant_config(qcfg)
+  qcfg = resolved(qcfg)
   hooks = QuantHooks.build(qcfg, model.cfg, int8_backend=int8_backend)
   n = int(num_batches or qcfg.get('est_num_batches', 16))
   cal = [model_inputs(model, b) for b in itertools.islice(iter(batches), n)]

@@ -167,8 +167,9 @@ EXTRA_DEFAULTS.update(method='', twc_fine=True, twc_lr=1e-5, twc_epochs=3,
 EXTRA_DEFAULTS.update(weight_only=False, llm_int8_threshold=6.0)
 
 
-def config(**overrides) -> ml_collections.ConfigDict:
-  """A validated `config.quant` ConfigDict: the originals' defaults, then `overrides`."""
+def assemble(**overrides) -> ml_collections.ConfigDict:
+  """A `config.quant` ConfigDict, not yet validated: the originals' defaults, then `overrides`
+  (each of a known field and of its default's type)."""
   q = ml_collections.ConfigDict(dict(QUANT_DEFAULTS, **EXTRA_DEFAULTS))
   q.quant_dict = _quant_dict_field()
   for k, v in overrides.items():
@@ -179,8 +180,77 @@ def config(**overrides) -> ml_collections.ConfigDict:
     except TypeError:
       raise ConfigError(f'quant.{k}={v!r}: expected a {type(q[k]).__name__} like the default '
                         f'{q[k]!r}') from None
+  return q
+
+
+def config(**overrides) -> ml_collections.ConfigDict:
+  """A validated `config.quant` ConfigDict: the originals' defaults, then `overrides`."""
+  q = assemble(**overrides)
   validate_quant_config(q)
   return q
+
+
+# ---- the resolved quant config ---------------------------------------------------------------
+class QuantConfig(ml_collections.ConfigDict):
+  """A quant config that has passed validate_quant_config, as `resolved()` returns it.
+
+  The layers below the door (Rules.build, QuantHooks.build, calibrate, the methods) take it as
+  it is; any other config they are given is validated there, once. Read-only, copies
+  (copy_and_resolve_references, also of a config holding it) included: `derive(q, ...)` makes
+  a changed copy."""
+
+  def __setitem__(self, key, value):
+    if self.__dict__.get('_sealed', False):
+      raise TypeError(f'quant.{key}: a resolved quant config is read-only '
+                      f'(points.derive(q, {key}=...) makes a changed copy)')
+    super().__setitem__(key, value)
+
+  def copy_and_resolve_references(self, visit_map=None):
+    return _seal(_plain(self, visit_map))
+
+
+def _plain(q, visit_map=None) -> ml_collections.ConfigDict:
+  """A mutable ConfigDict copy of `q`."""
+  if not isinstance(q, ml_collections.ConfigDict):
+    return ml_collections.ConfigDict(dict(q))
+  c = ml_collections.ConfigDict.copy_and_resolve_references(q, visit_map)
+  object.__setattr__(c, '__class__', ml_collections.ConfigDict)
+  object.__setattr__(c, '_sealed', False)
+  return c
+
+
+def _seal(c: ml_collections.ConfigDict) -> QuantConfig:
+  object.__setattr__(c, '__class__', QuantConfig)
+  object.__setattr__(c, '_sealed', True)
+  return c
+
+
+def is_resolved(qcfg) -> bool:
+  return isinstance(qcfg, QuantConfig) and qcfg.__dict__.get('_sealed', False)
+
+
+def resolved(qcfg) -> QuantConfig:
+  """`qcfg` (a quant config or a full config with .quant) validated, as a read-only
+  QuantConfig; a QuantConfig is returned as it is (validated when it was made)."""
+  if is_resolved(qcfg):
+    return qcfg
+  if 'quant' in qcfg and not isinstance(qcfg['quant'], (str, int, float, bool)):
+    qcfg = qcfg['quant']
+    if is_resolved(qcfg):
+      return qcfg
+  validate_quant_config(qcfg)
+  return _seal(_plain(qcfg))
+
+
+def derive(qcfg, **changes) -> QuantConfig:
+  """A resolved copy of the resolved `qcfg` with `changes`: for the settings a method makes
+  itself (AdaRound's MSE-grid weight ranges, PEG's groups), valid by construction, so not
+  validated again."""
+  c = _plain(resolved(qcfg))
+  with c.unlocked():
+    for k, v in changes.items():
+      c[k] = v
+  return _seal(c)
 
 
 def _get(q, field):
@@ -470,7 +540,7 @@ class Rules:
 
   @classmethod
   def build(cls, qcfg, model_cfg) -> 'Rules':
-    validate_quant_config(qcfg)
+    qcfg = resolved(qcfg)
     g = lambda f: _get(qcfg, f)
     mtype = model_cfg.model_type
     nl = int(model_cfg.num_layers)

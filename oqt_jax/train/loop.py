@@ -199,7 +199,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        progress: bool = True) -> dict[str, Any]:
   """Train (or resume) the run of `config` in `workdir`; returns a summary dict:
   step, interrupted (signal number or None), last train / eval metrics, hf_dir."""
-  config_lib.validate(config)  # every section, before any slow work: one line naming the bad field
+  config = config_lib.resolve(config)  # every section, before any slow work: one line naming
+                                       # the bad field; nothing below validates again
   workdir = os.fspath(workdir)
   if '://' in workdir:
     raise ConfigError(f'workdir={workdir!r}: must be a filesystem path every host sees (mount a '

@@ -44,7 +44,7 @@ import ast
 import dataclasses
 import inspect
 import math
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Callable, Iterable, Optional, Union
 
 import jax
 import numpy as np
@@ -53,8 +53,7 @@ from oqt_jax.errors import ConfigError
 from oqt_jax.quant import weight_int8
 from oqt_jax.quant.calibrate import calibrate
 from oqt_jax.quant.methods import adaround, llm_int8, outlier_suppression, smoothquant
-from oqt_jax.quant.points import config as quant_config
-from oqt_jax.quant.points import validate_quant_config
+from oqt_jax.quant.points import assemble, derive, is_resolved, resolved
 
 SETTINGS = ('original', 'all')
 SETTING_CHOICES = ('original', 'all', 'both')
@@ -179,16 +178,14 @@ def _as_dict(qcfg) -> dict:
 def resolve(name: str, qcfg=None, explicit: Optional[Iterable[str]] = None,
             setting: str = 'original', batch_size: Optional[int] = None,
             table: bool = False):
-  """The full config.quant `name` runs with (rules in the module docstring)."""
+  """The full config.quant `name` runs with (rules in the module docstring), validated once:
+  a read-only points.QuantConfig."""
   check_setting(setting)
   given = _as_dict(qcfg)
   explicit = set(given) if explicit is None else set(explicit)
-  q = quant_config()
-  with q.unlocked():
-    for k, v in given.items():
-      q[k] = v
+  q = assemble(**given)
   if name == '':
-    return q
+    return resolved(q)
   m = get(name)
   if setting == 'both':
     setting = 'original'
@@ -201,7 +198,7 @@ def resolve(name: str, qcfg=None, explicit: Optional[Iterable[str]] = None,
     q.est_num_batches = int(math.ceil(samples / int(batch_size)))
   if 'method' not in explicit:
     q.method = name
-  return q
+  return resolved(q)
 
 
 def with_preset(qcfg, method: str, explicit: Iterable[str] = (), batch_size: Optional[int] = None,
@@ -232,14 +229,17 @@ def label_of(name: str, qcfg, info: Optional[dict] = None) -> str:
 def run(name: str, model, variables, batches, qcfg=None, *, explicit=None,
         setting: str = 'original', table: bool = False, progress: bool = False):
   """(qmodel, qvariables, info) of the method `name` on (model, variables), calibrated on
-  `batches` (a list of dicts with input_ids / attention_mask), quant config per `resolve`."""
+  `batches` (a list of dicts with input_ids / attention_mask), quant config per `resolve`; a
+  config `resolve` / `with_preset` already returned (explicit=None) is used as it is."""
   check_name(name)
   batches = list(batches) if batches is not None else []
-  q = resolve(name, qcfg, explicit=explicit, setting=setting, batch_size=_batch_size(batches),
-              table=table)
+  if is_resolved(qcfg) and explicit is None:
+    q = qcfg
+  else:
+    q = resolve(name, qcfg, explicit=explicit, setting=setting, batch_size=_batch_size(batches),
+                table=table)
   if batches and int(q.est_num_batches) > len(batches):
-    q.est_num_batches = len(batches)
-  validate_quant_config(q)
+    q = derive(q, est_num_batches=len(batches))
   fn = _plain if name == '' else REGISTRY[name].fn
   try:
     takes_progress = 'progress' in inspect.signature(fn).parameters
@@ -282,9 +282,7 @@ def peg_groups(hidden: int, k: int = PEG_GROUPS) -> int:
 
 
 def _with_quant_dict(qcfg, extra: dict):
-  q = qcfg.copy_and_resolve_references()
-  q.quant_dict = merged_quant_dict(qcfg, extra)
-  return q
+  return derive(qcfg, quant_dict=merged_quant_dict(qcfg, extra))
 
 
 def _peg(model, variables, batches, qcfg, progress=False):

@@ -58,7 +58,7 @@ import oqt_jax.quant.calibrate  # noqa: F401  (the module; quant.calibrate is th
 from oqt_jax.models.layers import ACTIVATIONS
 from oqt_jax.quant import quantizers
 from oqt_jax.quant.layout import COLLECTION, weight_reduce_axes
-from oqt_jax.quant.points import EXTRA_DEFAULTS, FP_ACT_BITS, split_name, validate_quant_config
+from oqt_jax.quant.points import EXTRA_DEFAULTS, FP_ACT_BITS, derive, resolved, split_name
 
 calib = sys.modules['oqt_jax.quant.calibrate']
 
@@ -450,13 +450,7 @@ def adaround(model, variables, batches: Iterable[Any], qcfg, progress: bool = Fa
   Returns:
     (qmodel, qvariables), or (qmodel, qvariables, reports) with `with_report`.
   """
-  if 'quant' in qcfg:
-    qcfg = qcfg.quant
-  validate_quant_config(qcfg)
-  cfg = qcfg.copy_and_resolve_references()
-  with cfg.unlocked():
-    cfg.ranges_weights = 'mse'
-    cfg.mse_search = 'grid'
+  cfg = derive(resolved(qcfg), ranges_weights='mse', mse_search='grid')
   iters = int(_field(cfg, 'adaround_iters'))
   samples = int(_field(cfg, 'adaround_samples'))
   lam = float(_field(cfg, 'adaround_lambda'))

@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Iterable, Optional
+from typing import Iterable
 
 import flax
 import jax
@@ -114,24 +114,11 @@ def quantize_rows(x2, threshold, mask=None):
   return codes, amax, cols
 
 
-def outlier_columns(x2, threshold, mask=None):
-  """(d_in,) bool: the columns of the (tokens, d_in) x2 with any |x| >= threshold (float16
-  comparison; rows with mask False ignored)."""
-  return quantize_rows(x2, threshold, mask)[2]
-
-
 def int8_mm_dequant(acc, amax_rows, amax_cols, bias=None, dequant_const=MM_DEQUANT_CONST):
   """acc (int32) * (absmax_t absmax_o) * const (+ bias), float32."""
   out = acc.astype(jnp.float32) * (amax_rows[:, None] * amax_cols[None, :]) \
       * jnp.float32(dequant_const)
   return out if bias is None else out + jnp.asarray(bias, jnp.float32)
-
-
-def int8_vectorwise_matmul(x2, w, dequant_const=MM_DEQUANT_CONST):
-  """Plain vector-wise int8 x @ w (no outlier columns): int8 x int8 -> int32, dequantized."""
-  cx, ax, _ = quantize_rows(x2, jnp.inf)
-  cw, aw = quantize_weight(w)
-  return int8_mm_dequant(_int8_dot(cx, cw), ax, aw, dequant_const=dequant_const)
 
 
 def _int8_dot(a, b):

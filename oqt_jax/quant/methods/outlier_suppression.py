@@ -111,8 +111,7 @@ from oqt_jax.quant import lsq
 from oqt_jax.quant.hooks import QuantHooks
 from oqt_jax.quant.layout import COLLECTION, token_mask_for
 from oqt_jax.quant.methods import migration
-from oqt_jax.quant.points import config as quant_config
-from oqt_jax.quant.points import split_name, validate_quant_config
+from oqt_jax.quant.points import assemble, resolved, split_name
 from oqt_jax.quant.quantizers import int_grid
 
 # The original's W6A6 (exp/bert_ptq/twc_fine_gamma/*/config.yaml: a_qconfig LSQPlusFakeQuantize
@@ -482,9 +481,7 @@ def token_wise_clipping(model, variables, batches: Iterable[Any], qcfg, *,
   Returns:
     (qmodel, qvariables) as quant.calibrate (frozen ranges), [+ info].
   """
-  if 'quant' in qcfg:
-    qcfg = qcfg.quant
-  validate_quant_config(qcfg)
+  qcfg = resolved(qcfg)
   if qcfg.get('dynamic', False):
     raise ConfigError('quant.dynamic=True: token-wise clipping needs static activation ranges')
   if fine_keep not in FINE_KEEP:
@@ -627,10 +624,7 @@ def outlier_suppression_method(model, variables, batches: Iterable[Any], qcfg=No
   (absmax / ((q_max - q_min) / 2), `original_weight_scales`; original_weight_scale=False
   keeps oqt_jax's absmax / q_max). qcfg None: quant.config(**PRESET).
   Returns (qmodel, qvariables) [+ the TWC info]."""
-  if qcfg is None:
-    qcfg = quant_config(**PRESET)
-  if 'quant' in qcfg:
-    qcfg = qcfg.quant
+  qcfg = resolved(assemble(**PRESET) if qcfg is None else qcfg)
   model, variables = gamma_migration(model, variables)
   qmodel, qvars, info = token_wise_clipping(model, variables, batches, qcfg, progress=progress,
                                             return_info=True, fine_keep=fine_keep)

@@ -48,8 +48,7 @@ from oqt_jax.errors import ConfigError
 from oqt_jax.quant import quantizers
 from oqt_jax.quant.calibrate import _step_fn, calibrate, model_inputs
 from oqt_jax.quant.hooks import COLLECTION, QuantHooks
-from oqt_jax.quant.points import config as quant_config
-from oqt_jax.quant.points import split_name
+from oqt_jax.quant.points import assemble, resolved
 from oqt_jax.quant.quantizers import minmax_quantize  # noqa: F401  (qat.minmax_quantize)
 
 LEARNABLE = {'none': (), 'fixed': (), 'minmax': ('delta', 'zero_float'), 'lsq': ('scale',),
@@ -238,7 +237,7 @@ def load_exported(model_dir: Optional[str]):
     d = json.load(fh)
   if isinstance(d.get('adaround_beta'), list):
     d['adaround_beta'] = tuple(d['adaround_beta'])
-  qcfg = quant_config(**d)
+  qcfg = resolved(assemble(**d))
   with open(os.path.join(model_dir, STATE_FILE), 'rb') as fh:
     state = flax.serialization.msgpack_restore(fh.read())
   return qcfg, jax.tree.map(jnp.asarray, state)

@@ -48,7 +48,7 @@ import numpy as np
 from oqt_jax.models.layers import LayerNorm
 from oqt_jax.quant.calibrate import calibrate, model_inputs
 from oqt_jax.quant.methods import migration
-from oqt_jax.quant.points import config as quant_config
+from oqt_jax.quant.points import assemble, resolved
 
 CLAMP = 1e-5
 
@@ -139,10 +139,7 @@ def smoothquant_method(model, variables, batches: Iterable[Any], qcfg=None, prog
   The activation maxima and the calibration use the first qcfg.est_num_batches batches;
   alpha is qcfg.smoothquant_alpha. qcfg None: quant.config(**PRESET) (the original's W8A8).
   """
-  if qcfg is None:
-    qcfg = quant_config(**PRESET)
-  if 'quant' in qcfg:   # a full experiment config
-    qcfg = qcfg.quant
+  qcfg = resolved(assemble(**PRESET) if qcfg is None else qcfg)
   n = int(qcfg.get('est_num_batches', 16))
   cal = [model_inputs(model, b) for b in itertools.islice(iter(batches), n)]
   model, variables = smoothquant(model, variables, cal,
