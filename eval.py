@@ -101,7 +101,9 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   from oqt_jax.errors import CheckpointError, ConfigError, DataError
   try:
-    from oqt_jax.evaluate.run import eval_config, evaluate_run, explicit_fields, generate_text
+    from oqt_jax.evaluate.generation import generate_text
+    from oqt_jax.evaluate.run import evaluate_run
+    from oqt_jax.evaluate.setup import eval_config, explicit_fields
     workdir = FLAGS.workdir
     if FLAGS.hf_model:
       from oqt_jax.data.sources import unreachable_name

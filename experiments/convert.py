@@ -270,7 +270,7 @@ def main(argv=None):
 def _run(args, mode):
   from oqt_jax.errors import ConfigError
   from oqt_jax import data as data_lib
-  from oqt_jax.evaluate import run as run_lib
+  from oqt_jax.evaluate import setup
   from oqt_jax.models import hf
   from oqt_jax.train import train_and_evaluate
   variants = [v.strip() for v in args.variants.split(',') if v.strip()]
@@ -299,7 +299,7 @@ def _run(args, mode):
   # held-out batches (validation split, the checkpoint's tokenizer), the same for every model
   c0 = variant_config('vanilla', hf_model, mode, args.set)
   teacher, tvars = hf.load(hf_model)
-  c0 = run_lib.sync_config(c0, teacher, hf_model)
+  c0 = setup.sync_config(c0, teacher, hf_model)
   tok = data_lib.get_tokenizer(c0, os.path.join(args.out, 'runs', 'vanilla'))
   bs, nb = EVAL[mode]
   val = data_lib.build_dataset(c0, tok, 'validation', os.path.join(args.out, 'runs', 'vanilla'))
@@ -310,7 +310,7 @@ def _run(args, mode):
   ref = _final_states(teacher, tvars, batches)
   rows = [evaluate_model('original', teacher, tvars, batches, cal, ref, c0, tok, args.out)]
   for v in variants:
-    model, variables, _ = run_lib.load_model(runs[v], os.path.join(args.out, 'runs', v))
+    model, variables, _ = setup.load_model(runs[v], os.path.join(args.out, 'runs', v))
     rows.append(evaluate_model(v, model, variables, batches, cal, ref, c0, tok, args.out))
   meta = {'hf_model_name': os.path.basename(hf_model.rstrip('/')), 'mode': mode,
           'steps': int(c0.num_train_steps), 'batch': int(c0.per_device_batch_size),

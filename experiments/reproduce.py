@@ -136,7 +136,7 @@ def attention_mass(config, workdir: str, num_batches: int = 1) -> dict:
   collection."""
   import jax
   from oqt_jax.data import synthetic
-  from oqt_jax.evaluate.run import load_model
+  from oqt_jax.evaluate.setup import load_model
   model, variables, _ = load_model(config, workdir)
   ds = synthetic.SyntheticDataset(config.data, seed=config.seed)
   bs = int(config.eval_batch_size)

@@ -15,14 +15,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from configs import base
 from oqt_jax import models
 from oqt_jax.config import parse_cli_flags, validate
 from oqt_jax.errors import CheckpointError, ConfigError, DataError
-from oqt_jax.evaluate import outliers, run
+from oqt_jax.evaluate import checks, outliers, run
 from oqt_jax.models.config import from_config
 from oqt_jax.quant import points
 from oqt_jax.train import guards, losses
@@ -119,7 +119,7 @@ quant_dicts = st.one_of(st.dictionaries(layer_keys, qvalues, max_size=4), st.tex
 def test_quant_dict_strings_and_dicts(qd, model_type, num_layers):
   q = dict(base.quant_defaults().to_dict(), quant_dict=qd)
   try:
-    run.check_quant_points(q, model_type, num_layers)
+    checks.check_quant_points(q, model_type, num_layers)
     points.validate_quant_config(q)
   except ConfigError as e:
     _one_line_naming(e, 'quant.quant_dict')
@@ -200,7 +200,7 @@ def test_checked_batches_give_finite_results_all_padding_is_an_error(tiny, ids, 
   ids = np.asarray(ids, np.int32).reshape(2, T)
   mask = (np.arange(T)[None, :] < np.asarray(lengths)[:, None]).astype(np.int32)
   batch = {'input_ids': ids, 'attention_mask': mask, 'labels': np.where(mask > 0, ids, -100)}
-  got = list(run.checked([batch], model, 'validation batch'))
+  got = list(checks.checked([batch], model, 'validation batch'))
   m = outliers.evaluate(model, variables, got, num_batches=1)
   s, c = jax.jit(lambda b: losses.clm_loss(jnp.zeros((2, T, V)), b['labels'],
                                            b['attention_mask']))(batch)
@@ -208,9 +208,9 @@ def test_checked_batches_give_finite_results_all_padding_is_an_error(tiny, ids, 
   if m['num_tokens'] == 0:
     with pytest.raises(DataError, match='^validation split: the evaluation batches have no '
                                         'valid'):
-      run.check_finite_metrics(m, 'model')
+      checks.check_finite_metrics(m, 'model')
   else:
-    run.check_finite_metrics(m, 'model')
+    checks.check_finite_metrics(m, 'model')
     assert math.isfinite(m['loss']) and math.isfinite(m['max_inf_norm'])
 
 
@@ -251,19 +251,19 @@ def test_quant_settings_that_fail_on_the_model_are_checked_first(tiny):
   c.quant.quant_dict = "{'h': 'ng5'}"         # h is 16 wide
   with pytest.raises(ConfigError, match="^quant.quant_dict: point 'h0' has 16 dims, not "
                                         "divisible into 5 groups"):
-    run.check_quant_for_model(c, model, variables)
+    checks.check_quant_for_model(c, model, variables)
   c.quant.quant_dict = "{'f': 'ngp8', 'h': 'ng4', 'wq0': 4}"
-  run.check_quant_for_model(c, model, variables)
+  checks.check_quant_for_model(c, model, variables)
   c.quant.quant_dict = "{'z': 8}"            # a BERT point
   with pytest.raises(ConfigError) as e:
-    run.check_quant_for_model(c, model, variables)
+    checks.check_quant_for_model(c, model, variables)
   known = str(e.value).split('(known: ')[1].split(', per-layer')[0].split(', ')
   assert str(e.value).startswith("quant.quant_dict: unknown point 'z' for opt")
-  assert sorted(known) == sorted(set().union(*run.model_points('opt')))
+  assert sorted(known) == sorted(set().union(*checks.model_points('opt')))
   assert 'z' not in known and 'Mln' not in known and 'a' in known and 'fln' in known
   c.quant.quant_dict = "{'h3': 8}"
   with pytest.raises(ConfigError, match="point 'h3': the opt model has 1 layers"):
-    run.check_quant_for_model(c, model, variables)
+    checks.check_quant_for_model(c, model, variables)
 
 
 # ---------------------------------------------------------------- methods and GLUE fields

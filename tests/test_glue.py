@@ -3,7 +3,6 @@ JSONL formats, init_from, epochs -> steps, the classification head's predictions
 PyTorch, and one end-to-end train.py + eval.py run (FP and PTQ) with no network."""
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -304,9 +303,8 @@ def test_cls_predictions_match_torch(tmp_path):
   jl, _ = glue_eval.predict(model, variables, batches)
   np.testing.assert_allclose(jl, logits, atol=1e-4)
   # eval.py's report: MNLI matched at the top level, mismatched under its split name.
-  from oqt_jax.evaluate import run
   _write(folder / 'dev_mismatched.tsv', [header] + rows)
-  rep = run.glue_report(model, variables, c, run.glue_datasets(c, None, ds), 4)
+  rep = glue_eval.glue_report(model, variables, c, glue_eval.glue_datasets(c, None, ds), 4)
   assert rep['accuracy'] == m['accuracy'] and rep['num_examples'] == 9
   assert rep['validation_mismatched']['num_examples'] == 3
 

@@ -347,10 +347,10 @@ def test_opt_has_no_dropout_after_the_embedding_sum(checkpoints):
 @pytest.mark.parametrize('softmax_T', [128, 300])
 def test_foreign_opt_uses_the_configs_softmax_T(checkpoints, softmax_T):
   import ml_collections
-  from oqt_jax.evaluate import run
+  from oqt_jax.evaluate import setup
   path, _ = checkpoints['opt_clm']
   config = ml_collections.ConfigDict({'model': {'softmax': 'vanilla', 'alpha': 12.0,
                                                 'softmax_T': softmax_T, 'gate': 'none'}})
-  model, _, _ = run.load_model(config, None, hf_model=path)
+  model, _, _ = setup.load_model(config, None, hf_model=path)
   assert model.cfg.softmax_T == softmax_T
   assert model.cfg.clip_gamma_zeta[0] == pytest.approx(-12.0 / softmax_T)

@@ -167,16 +167,18 @@ def _glue_overrides(bert_hf, glue_dir, **kw):
 
 
 # ---------------------------------------------------------------- the workflow matrix
-def _method_names():
-  from oqt_jax.quant import methods
-  return [n for n in methods.names() if n]
-
-
 METHOD_ARGS = {   # keep each method's own work tiny
     'outlier_suppression': ['--config.quant.twc_fine=False'],
     'adaround': ['--config.quant.adaround_iters=2', '--config.quant.adaround_samples=4'],
     'w8a8_mse': ['--config.quant.num_candidates=10'],
 }
+
+
+# The methods whose eval.py path differs (no calibration: fp, llm_int8; the weight-only branch;
+# a preset that changes the setup and granularity: smoothquant). Every registered method runs
+# through eval.py in test_compare.py (--compare) and is resolved and checked on a model in
+# test_door.py.
+WORKFLOW_METHODS = ('fp', 'llm_int8', 'weight_only', 'smoothquant')
 
 
 def _eval_cases():
@@ -188,7 +190,7 @@ def _eval_cases():
                     '--config.quant.est_num_batches=1'], 'w4a8_adaround'),
       ('out_name', ['--quantize', '--config.quant.est_num_batches=1', '--out', 'mine'], 'mine'),
   ]
-  for name in _method_names():
+  for name in WORKFLOW_METHODS:
     cases.append((f'method={name}', [f'--config.quant.method={name}',
                                      '--config.quant.est_num_batches=1',
                                      *METHOD_ARGS.get(name, [])], None))
@@ -239,7 +241,7 @@ def test_prompt_workflow(cli, capfd, opt_run):
   gives with the run's tokenizer) and why it stopped; --seed makes sampling repeatable;
   lengths beyond the position table are refused before any announcement."""
   from oqt_jax.data.tokenizer import _load_dir
-  from oqt_jax.evaluate import run
+  from oqt_jax.evaluate import setup
   code, out, err = cli(capfd, '--config', OPT_CFG, '--workdir', str(opt_run), '--noprogress',
                        '--prompt', 'the history of', '--max_new_tokens=5')
   assert code == 0, err[-3000:]
@@ -247,7 +249,7 @@ def test_prompt_workflow(cli, capfd, opt_run):
   assert lines[-3] == 'prompt:       the history of'
   assert lines[-1].startswith('stopped:      ') and ('end-of-sequence' in lines[-1]
                                                       or '5 new tokens' in lines[-1])
-  model, variables, _ = run.load_model(load_config_file(OPT_CFG), str(opt_run))
+  model, variables, _ = setup.load_model(load_config_file(OPT_CFG), str(opt_run))
   tok = _load_dir(str(opt_run / 'hf'), 'hf')
   ids = tok('the history of')['input_ids']
   new = np.asarray(models.generate(model, variables, np.asarray([ids]), 5,
@@ -538,7 +540,7 @@ def test_load_model_prefers_newest_and_reads_orbax(tmp_path):
   import orbax.checkpoint as ocp
   from configs import base
   from oqt_jax.errors import CheckpointError
-  from oqt_jax.evaluate import run
+  from oqt_jax.evaluate import setup
   from oqt_jax.models import hf
   cfg = models.ModelConfig(model_type='opt', vocab_size=2048, hidden_size=32, num_layers=2,
                            num_heads=4, intermediate_size=64, max_position_embeddings=64,
@@ -549,7 +551,7 @@ def test_load_model_prefers_newest_and_reads_orbax(tmp_path):
   config.model = ml_collections.ConfigDict(
       {k: getattr(model.cfg, k) for k in models.ModelConfig.__dataclass_fields__})
   with pytest.raises(CheckpointError, match='no checkpoint'):
-    run.load_model(config, str(tmp_path))
+    setup.load_model(config, str(tmp_path))
   with open(tmp_path / 'config.json', 'w') as fh:
     fh.write(config.to_json_best_effort())
   mngr = ocp.CheckpointManager(str(tmp_path / 'checkpoints'))
@@ -557,40 +559,40 @@ def test_load_model_prefers_newest_and_reads_orbax(tmp_path):
                                            'opt_state': {}, 'rng': np.zeros(2, np.uint32)}))
   mngr.wait_until_finished()
   mngr.close()
-  loaded, lvars, src = run.load_model(config, str(tmp_path))
+  loaded, lvars, src = setup.load_model(config, str(tmp_path))
   assert src.endswith(os.path.join('checkpoints', '7')) and loaded.cfg == model.cfg
   same = jax.tree_util.tree_map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)),
                                 lvars['params'], variables['params'])
   assert all(jax.tree_util.tree_leaves(same))
   # A newer HF export wins over an older Orbax step.
   hf.save(model, variables, str(tmp_path / 'hf'))
-  assert run.load_model(config, str(tmp_path))[2] == str(tmp_path / 'hf')
+  assert setup.load_model(config, str(tmp_path))[2] == str(tmp_path / 'hf')
 
 
 def test_eval_config_takes_the_runs_data_settings(tmp_path):
   """eval.py on a workdir: the data settings recorded in WORKDIR/config.json win over the
   config file's unless given on the command line; no --config: the recorded config; an HF
   dir's tokenizer unless data.tokenizer is explicit."""
-  from oqt_jax.evaluate import run
+  from oqt_jax.evaluate import setup
   cfg = load_config_file(SST2_CFG)
   rec = cfg.copy_and_resolve_references()
   rec.data.files, rec.data.max_seq_length, rec.eval_batch_size = '/data/sst2', 64, 3
   (tmp_path / 'config.json').write_text(rec.to_json_best_effort())
-  got = run.eval_config(cfg, str(tmp_path))
+  got = setup.eval_config(cfg, str(tmp_path))
   assert (got.data.files, got.data.max_seq_length) == ('/data/sst2', 64)
   assert got.eval_batch_size == cfg.eval_batch_size           # not a data setting
   mine = load_config_file(SST2_CFG, {'data.files': '/elsewhere'})
-  assert run.eval_config(mine, str(tmp_path), explicit=['data.files']).data.files == '/elsewhere'
-  alone = run.eval_config(None, str(tmp_path))
+  assert setup.eval_config(mine, str(tmp_path), explicit=['data.files']).data.files == '/elsewhere'
+  alone = setup.eval_config(None, str(tmp_path))
   assert alone.data.files == '/data/sst2' and alone.data.glue_task == 'sst2'
   (tmp_path / 'hf').mkdir()
   (tmp_path / 'hf' / 'tokenizer.json').write_text('{}')
   (tmp_path / 'hf' / 'config.json').write_text('{"model_type": "opt", '
                                                '"max_position_embeddings": 40}')
-  h = run.eval_config(None, None, str(tmp_path / 'hf'))
+  h = setup.eval_config(None, None, str(tmp_path / 'hf'))
   assert h.data.tokenizer == str(tmp_path / 'hf') and h.data.source == 'embedded'
   assert h.model.model_type == 'opt' and h.data.block_size == 40
-  assert run.eval_config(cfg, None, str(tmp_path / 'hf'),
+  assert setup.eval_config(cfg, None, str(tmp_path / 'hf'),
                          explicit=['data.tokenizer']).data.tokenizer == cfg.data.tokenizer
 
 

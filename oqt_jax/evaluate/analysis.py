@@ -42,7 +42,7 @@ import jax
 import numpy as np
 
 from oqt_jax import data as data_lib
-from oqt_jax.evaluate import run as run_lib
+from oqt_jax.evaluate import setup
 from oqt_jax.evaluate.outliers import HEADLINE, MODEL_INPUTS
 
 OUTLIER_SIGMAS = 6.0
@@ -258,12 +258,12 @@ def analyze_run(config, workdir: Optional[str], *, hf_model: Optional[str] = Non
                 num_batches: Optional[int] = None, batch_size: Optional[int] = None,
                 plots_on: bool = True) -> dict[str, Any]:
   """eval.py --analyze: the model of a workdir (or --hf_model) on its validation batches."""
-  model, variables, source = run_lib.load_model(config, workdir, hf_model)
-  config = run_lib.sync_config(config, model, source)
-  config = run_lib._run_tokenizer(config, workdir)  # pylint: disable=protected-access
+  model, variables, source = setup.load_model(config, workdir, hf_model)
+  config = setup.sync_config(config, model, source)
+  config = setup.run_tokenizer(config, workdir)
   bs = int(batch_size or min(int(config.get('eval_batch_size', 32)), 32))
   nb = int(num_batches or 4)
-  val, _ = run_lib.datasets(config, workdir, calib=False)
+  val, _ = setup.datasets(config, workdir, calib=False)
   tok = data_lib.get_tokenizer(config, workdir)
   res = analyze_model(model, variables, val.eval_batches(bs, nb), tok, workdir,
                       title=f'{model.cfg.model_type}: {os.path.basename(str(source).rstrip("/")) or source}', plots_on=plots_on)

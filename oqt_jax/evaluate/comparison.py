@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 import traceback
 from typing import Any, Optional
@@ -42,7 +41,9 @@ import numpy as np
 from oqt_jax import quant
 from oqt_jax.errors import ConfigError
 from oqt_jax.evaluate import outliers
-from oqt_jax.evaluate import run as run_lib
+from oqt_jax.evaluate import setup
+from oqt_jax.evaluate.setup import info as _info
+from oqt_jax.evaluate.run import nan_to_none
 from oqt_jax.evaluate.plots import _plt
 from oqt_jax.quant import methods as registry
 from oqt_jax.quant import weight_int8
@@ -54,10 +55,6 @@ from oqt_jax.train import glue_eval
 MD_FILE = 'comparison.md'
 JSON_FILE = 'comparison.json'
 PNG_FILE = 'comparison.png'
-
-
-def _info(msg: str):
-  print(msg, file=sys.stderr, flush=True)
 
 
 def _error_text(e: BaseException) -> str:
@@ -189,16 +186,16 @@ def compare_run(config, workdir: Optional[str], *, hf_model: Optional[str] = Non
   out_dir = out_dir or workdir
   if not out_dir:
     raise ConfigError('--workdir: needed to write comparison.md (or give out_dir)')
-  model, variables, source = run_lib.load_model(config, workdir, hf_model)
-  config = run_lib.sync_config(config, model, source)
+  model, variables, source = setup.load_model(config, workdir, hf_model)
+  config = setup.sync_config(config, model, source)
   mtype = model.cfg.model_type
   bs = int(batch_size or config.get('eval_batch_size', 32))
   nb = int(num_batches or config.get('num_eval_batches', 50))
-  val, cal = run_lib.datasets(config, workdir, calib=True)
+  val, cal = setup.datasets(config, workdir, calib=True)
   nb = min(nb, val.num_eval_batches(bs)) if hasattr(val, 'num_eval_batches') else nb
   eval_batches = list(val.eval_batches(bs, nb))
   n_cal = int(config.quant.est_num_batches)
-  cal_batches = list(run_lib.calibration_batches(cal, bs, n_cal))
+  cal_batches = list(setup.calibration_batches(cal, bs, n_cal))
   _info(f'comparing {len(plan)} rows ({setting} setting) on {mtype} '
         f'({model.cfg.resolved_head}) from {source}: {len(cal_batches)} calibration and '
         f'{len(eval_batches)} evaluation batches of {bs}')
@@ -211,14 +208,14 @@ def compare_run(config, workdir: Optional[str], *, hf_model: Optional[str] = Non
     from tqdm.auto import tqdm
     it = tqdm(plan, desc='methods', unit='row')
   for name, row_setting in it:
+    qcfg = registry.resolve(name, config.quant, explicit_quant, row_setting, batch_size=bs,
+                            table=True)   # the row's quant config, validated once
     row: dict[str, Any] = dict(name=name, setting=row_setting,
-                               label=registry.label_of(name, registry.resolve(
-                                   name, config.quant, explicit_quant, row_setting, table=True)))
+                               label=registry.label_of(name, qcfg))
     try:
       t0 = time.perf_counter()
-      qmodel, qvars, info = registry.run(name, model, variables, cal_batches, config.quant,
-                                         explicit=explicit_quant, setting=row_setting,
-                                         table=True)
+      qmodel, qvars, info = registry.run(name, model, variables, cal_batches, qcfg,
+                                         setting=row_setting)
       jax.block_until_ready(jax.tree_util.tree_leaves(qvars))
       row['seconds'] = row['calib_seconds'] = time.perf_counter() - t0
       row['label'] = info['label']
@@ -275,7 +272,7 @@ def compare_run(config, workdir: Optional[str], *, hf_model: Optional[str] = Non
              'weights at the method\'s bit width plus float32 scales, other parameters as '
              'stored; seconds: the method\'s wall time.\n')
   with open(os.path.join(out_dir, JSON_FILE), 'w') as fh:
-    json.dump(run_lib._nan_to_none(report), fh, indent=1, sort_keys=True)
+    json.dump(nan_to_none(report), fh, indent=1, sort_keys=True)
   files = [os.path.join(out_dir, MD_FILE), os.path.join(out_dir, JSON_FILE)]
   if plots_on:
     files.append(bar_plot(report, os.path.join(out_dir, PNG_FILE)))
