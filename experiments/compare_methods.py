@@ -81,7 +81,6 @@ def tiny_bert_dir(path: str) -> str:
   import torch
   import transformers
   from oqt_jax.data.tokenizer import train_tokenizer
-  from oqt_jax.data.sources import embedded_documents
   os.makedirs(path, exist_ok=True)
   tok = train_tokenizer(sentences(400), 'bert_bpe', 256, model_max_length=MAX_LEN)
   tok.save_pretrained(path)
@@ -151,7 +150,7 @@ def cosine(a, b) -> float:
 
 
 def fmt_md(report: dict) -> str:
-  lines = [f'| method | setting | cosine to FP | max inf norm | model bytes | seconds |',
+  lines = ['| method | setting | cosine to FP | max inf norm | model bytes | seconds |',
            '|---|---|---:|---:|---:|---:|']
   for r in report['rows']:
     if r.get('error'):

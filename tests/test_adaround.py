@@ -6,7 +6,6 @@ step for step, and the same decisions after 1000 steps; and on a tiny BERT in th
 setting: every quantized weight (embedding tables and LayerNorm gammas included) is rounded,
 in forward order, with the layer's activation function inside the target and the upstream
 activations in floating point."""
-import math
 
 import jax
 import jax.numpy as jnp

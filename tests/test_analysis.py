@@ -13,7 +13,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from oqt_jax import models
 from oqt_jax.evaluate import analysis

@@ -5,7 +5,6 @@ import os
 import signal
 import sys
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest

@@ -4,7 +4,6 @@ note after a resume, eval.py on a non-finite model, command-line mistakes as one
 `error: ...`, and (slow, end to end) train.py SIGKILLed at random steps plus a full disk,
 reproducing the uninterrupted run step for step."""
 import errno
-import json
 import os
 import random
 import re

@@ -84,7 +84,6 @@ def test_int8_applies_only_to_low_bit_weights(setup):
 def test_int8_and_fake_quant_share_the_weight_grid():
   """Weight codes clipped at -128 by the fake quantizer stay -128 in the int8 matmul (AQT and
   its float twin), checked against a numpy restatement of the integer arithmetic."""
-  import flax.linen as nn
   import jax.numpy as jnp
   from oqt_jax.models.layers import Dense
   from oqt_jax.quant.hooks import QuantHooks

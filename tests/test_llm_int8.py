@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from oqt_jax import models, quant
+from oqt_jax import quant
 from oqt_jax.models import hf
 from oqt_jax.quant import weight_int8
 from oqt_jax.quant.methods import llm_int8 as li

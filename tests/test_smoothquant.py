@@ -1,7 +1,6 @@
 """SmoothQuant: FP output unchanged (pre-LN OPT, post-LN BERT, after Gamma Migration), the
 smoothing factors against a numpy restatement, and lower W8A8 error on planted LN outliers."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

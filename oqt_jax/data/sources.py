@@ -31,7 +31,6 @@ from oqt_jax.data import glue
 from oqt_jax.errors import ConfigError, DataError
 from oqt_jax.hub import (_hub_reachable, _in_hub_cache, _path_like, hub_offline,  # noqa: F401
                          load_hf, unreachable_name)
-from oqt_jax.hub import one_line as _one_line
 
 SOURCES = ('embedded', 'bookcorpus_and_wiki', 'wikitext-103', 'wikitext-2', 'hub', 'files',
            'glue', 'synthetic')   # synthetic: token sequences, no text (see synthetic.py)

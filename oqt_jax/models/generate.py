@@ -89,7 +89,6 @@ def _compiled(model, max_new_tokens: int, top_k: int, greedy: bool,
   def run(variables, input_ids, prompt_mask, temperature, key):
     b, p = input_ids.shape
     n = max_new_tokens
-    length = p + n
     variables = {k: v for k, v in variables.items() if k not in ('cache', 'intermediates')}
     mask = jnp.concatenate([prompt_mask.astype(jnp.int32), jnp.ones((b, n), jnp.int32)], 1)
     tokens = jnp.concatenate([input_ids.astype(jnp.int32),

@@ -35,9 +35,6 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 Dtype = Any
 
-LOGICAL_AXES = ('vocab', 'embed', 'mlp', 'heads', 'kv', 'norm', 'classes', 'gate')
-
-
 def logical_spec(logical: Sequence[Any] | None, shape: Sequence[int],
                  mesh_shape: Mapping[str, int], rules) -> PartitionSpec:
   """PartitionSpec for one array: map logical names through `rules`, dropping mesh axes that

@@ -113,8 +113,7 @@ def normalize_axes(reduce_axes, ndim: int) -> tuple[int, ...]:
 def compact_mask(mask, shape):
   """Bool mask with len(shape) axes, each of size 1 or shape's (not broadcast to `shape`).
 
-  The broadcasting rules of `broadcast_mask`: numpy's, or a prefix of shape gets trailing
-  axes. Keeping the size-1 axes lets reductions over them run on x alone.
+  Broadcasting: numpy's rules, or a prefix of shape gets trailing axes. Keeping the size-1 axes lets reductions over them run on x alone.
   """
   if mask is None:
     return None
@@ -129,17 +128,10 @@ def compact_mask(mask, shape):
   return mask
 
 
-def broadcast_mask(mask, shape):
-  """Bool mask broadcast to `shape` (numpy rules, or a prefix of shape gets trailing axes)."""
-  if mask is None:
-    return None
-  return jnp.broadcast_to(compact_mask(mask, shape), shape)
-
-
 def masked_min_max(x, mask, reduce_axes):
   """(min, max, any_valid) over reduce_axes ignoring masked-out entries (float32).
 
-  mask: None or a bool array broadcastable to x's shape (see `broadcast_mask`). Reduced axes
+  mask: None or a bool array broadcastable to x's shape (see `compact_mask`). Reduced axes
   along which the mask is constant (size 1, e.g. the hidden axis under a token mask) are
   reduced on x first, so no masked copy of x is formed.
   """
@@ -606,8 +598,3 @@ def update(kind: str, state: dict, x, *, mask=None, reduce_axes=None, momentum=0
                  reduce_axes=axes, n_bits=n_bits, symmetric=bool(symmetric),
                  mse_search=mse_search, num_candidates=int(num_candidates),
                  golden_iters=int(golden_iters), signed=bool(signed))
-
-
-def ranges_of(state: dict):
-  """(x_min, x_max) of a state."""
-  return state['x_min'], state['x_max']

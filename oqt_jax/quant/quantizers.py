@@ -179,17 +179,6 @@ def quantize_dequantize(x, n_bits=8, symmetric=False, x_min=None, x_max=None, *,
   return out.astype(out_dtype)
 
 
-def quantize_int(x, scale, zero_point, q_min, q_max):
-  """Integer codes (as float32) clamp(round(x / s) + z, q_min, q_max); no STE."""
-  xf = jnp.asarray(x, jnp.float32)
-  return jnp.clip(jnp.round(true_divide(xf, scale)) + zero_point, q_min, q_max)
-
-
-def dequantize_int(x_int, scale, zero_point):
-  """s * (x_int - z)."""
-  return scale * (jnp.asarray(x_int, jnp.float32) - zero_point)
-
-
 # ----------------------------------------------------------------------------------------
 # Granularity helpers
 # ----------------------------------------------------------------------------------------

@@ -230,8 +230,3 @@ def model_bytes(model, variables, bits_of: Optional[Callable] = None,
     else:
       total += n * np.dtype(leaf.dtype).itemsize
   return int(np.ceil(total))
-
-
-def weight_only_method(model, variables, batches=None, qcfg=None):
-  """Registry entry 'weight_only' (batches and qcfg unused: weight-only needs no data)."""
-  return weight_only(model, variables)

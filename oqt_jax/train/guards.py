@@ -11,7 +11,7 @@ anyway (logging, before a checkpoint save, evaluation, the end), hands them to
   nonfinite='skip'  the update of a non-finite step is skipped (counted as `skipped_steps`
                     in the logged train records); `max_skipped_steps` in a row stop the run.
 
-`all_finite(tree)` / `nonfinite_leaves(tree)` guard the checkpoint and HF export paths: a
+`nonfinite_leaves(tree)` guards the checkpoint and HF export paths: a
 state with a NaN or Inf is never written. `check_batch` rejects token ids outside the
 vocabulary and sequences longer than the position table on the host (an out-of-range lookup
 would otherwise silently read NaN).
@@ -19,7 +19,7 @@ would otherwise silently read NaN).
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -46,10 +46,6 @@ def nonfinite_leaves(tree) -> list[str]:
   flags = np.asarray(jax.device_get(_leaf_flags([x for _, x in flat])))
   return ['/'.join(str(getattr(k, 'key', getattr(k, 'idx', getattr(k, 'name', k)))) for k in p)
           for (p, _), ok in zip(flat, flags) if not ok]
-
-
-def all_finite(tree) -> bool:
-  return not nonfinite_leaves(tree)
 
 
 def _fmt(x) -> str:

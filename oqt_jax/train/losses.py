@@ -54,10 +54,6 @@ def loss_for_head(head: str, logits, batch: Mapping[str, jax.Array]):
   raise ValueError(f'no training loss for model head {head!r}')
 
 
-def mean_loss(loss_sum, count):
-  return loss_sum / jnp.maximum(count, 1.0)
-
-
 def perplexity(mean_ce):
   return jnp.exp(mean_ce)
 
