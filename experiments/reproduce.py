@@ -219,7 +219,7 @@ def run_variant(variant: str, mode: str, out: str, overrides: dict | None = None
 
 
 # ---------------------------------------------------------------------------- outputs
-def _fmt(x, nd=2):
+def fmt(x, nd=2):
   if x is None or (isinstance(x, float) and not math.isfinite(x)):
     return str(x)
   return f'{x:.{nd}f}' if abs(x) < 1e5 else f'{x:.3g}'
@@ -234,11 +234,16 @@ def write_markdown(rows: list, path: str, mode: str) -> str:
            'W8A8 gap | BOS mass | no-op mass | self mass |',
            '|---|---|---|---|---|---|---|---|---|---|']
   for r in rows:
-    lines.append(f"| {LABELS.get(r['variant'], r['variant'])} | {_fmt(r['fp_perplexity'], 3)} "
-                 f"| {_fmt(r['max_inf_norm'])} | {_fmt(r['avg_kurtosis'])} "
-                 f"| {_fmt(r['max_kurtosis'])} | {_fmt(r['w8a8_perplexity'], 3)} "
-                 f"| {_fmt(r['w8a8_gap'], 3)} | {_fmt(r['bos_attention'])} "
-                 f"| {_fmt(r['no_op_mass'])} | {_fmt(r.get('self_attention'))} |")
+    lines.append(f"| {LABELS.get(r['variant'], r['variant'])} | {fmt(r['fp_perplexity'], 3)} "
+                 f"| {fmt(r['max_inf_norm'])} | {fmt(r['avg_kurtosis'])} "
+                 f"| {fmt(r['max_kurtosis'])} | {fmt(r['w8a8_perplexity'], 3)} "
+                 f"| {fmt(r['w8a8_gap'], 3)} | {fmt(r['bos_attention'])} "
+                 f"| {fmt(r['no_op_mass'])} | {fmt(r.get('self_attention'))} |")
+  return write_lines(lines, path)
+
+
+def write_lines(lines: list, path: str) -> str:
+  """The lines as one text file (a trailing newline); returns the text."""
   text = '\n'.join(lines) + '\n'
   with open(path, 'w') as fh:
     fh.write(text)
