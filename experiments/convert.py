@@ -165,10 +165,10 @@ def evaluate_model(name, model, variables, batches, cal_batches, ref_pooled, bas
          'max_inf_norm': float(stats['max_inf_norm']),
          'avg_kurtosis': float(stats['avg_kurtosis']),
          'max_kurtosis': float(stats['max_kurtosis'])}
-  for setup, key in (('all', 'w8a8_cosine_all'), ('matmul_inputs', 'w8a8_cosine_matmul')):
+  for quant_setup, key in (('all', 'w8a8_cosine_all'), ('matmul_inputs', 'w8a8_cosine_matmul')):
     qcfg = base_config.quant.copy_and_resolve_references()
     with qcfg.unlocked():
-      qcfg.quant_setup = setup
+      qcfg.quant_setup = quant_setup
     qmodel, qvars, _ = methods.run('', model, variables, iter(cal_batches), qcfg,
                                    progress=False)
     qp = _final_states(qmodel, qvars, batches)
