@@ -3,7 +3,6 @@ field once and hand the layers below a read-only resolved QuantConfig, which not
 checks again (calibration, every registered method, the hooks and rules)."""
 import sys
 
-import jax
 import numpy as np
 import pytest
 
@@ -13,17 +12,14 @@ from oqt_jax.config import resolve
 from oqt_jax.errors import ConfigError
 from oqt_jax.evaluate import run
 from oqt_jax.quant import methods, points
+from oqt_jax.train import testing
 
 V, P, B, T = 40, 16, 2, 8
 
 
 @pytest.fixture(scope='module')
 def tiny():
-  cfg = models.ModelConfig(model_type='opt', vocab_size=V, hidden_size=16, num_layers=1,
-                           num_heads=2, intermediate_size=32, max_position_embeddings=P,
-                           activation='relu', pad_token_id=1)
-  model = models.build(cfg)
-  return model, models.init_variables(model, jax.random.PRNGKey(0))
+  return testing.tiny_opt(V, P)
 
 
 def _batches(n=2):

@@ -19,13 +19,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from configs import base
-from oqt_jax import models
 from oqt_jax.config import parse_cli_flags, validate
 from oqt_jax.errors import CheckpointError, ConfigError, DataError
 from oqt_jax.evaluate import checks, outliers, run
 from oqt_jax.models.config import from_config
 from oqt_jax.quant import points
-from oqt_jax.train import guards, losses
+from oqt_jax.train import guards, losses, testing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, 'configs', 'tiny_opt_vanilla.py')
@@ -167,11 +166,7 @@ V, P, T = 64, 16, 12
 
 @pytest.fixture(scope='module')
 def tiny():
-  cfg = models.ModelConfig(model_type='opt', vocab_size=V, hidden_size=16, num_layers=1,
-                           num_heads=2, intermediate_size=32, max_position_embeddings=P,
-                           activation='relu', pad_token_id=1)
-  model = models.build(cfg)
-  return model, models.init_variables(model, jax.random.PRNGKey(0))
+  return testing.tiny_opt(V, P)
 
 
 @FAST

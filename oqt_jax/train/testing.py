@@ -6,6 +6,7 @@ Test-only conveniences (not used by the training code itself):
   signal_train_when(...) start train.py, send a signal (kill -9) once a condition holds
   committed_steps(dir)  the step numbers of a workdir's committed checkpoints
   seed_workdir(src, dst) copy a trained tokenizer + tokenized-data cache into a new workdir
+  tiny_opt(vocab, positions) a 1-layer, 16-wide OPT with random weights (model, variables)
 """
 from __future__ import annotations
 
@@ -16,6 +17,10 @@ import subprocess
 import sys
 import time
 from typing import Callable, Mapping, Optional, Sequence
+
+import jax
+
+from oqt_jax import models
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRAIN_PY = os.path.join(REPO_ROOT, 'train.py')
@@ -128,3 +133,13 @@ def seed_workdir(src: str, dst: str) -> None:
     s = os.path.join(src, name)
     if os.path.isdir(s) and not os.path.exists(os.path.join(dst, name)):
       shutil.copytree(s, os.path.join(dst, name))
+
+
+def tiny_opt(vocab_size: int, max_position_embeddings: int, seed: int = 0):
+  """(model, variables): a 1-layer, 16-wide OPT with random weights, for unit tests."""
+  cfg = models.ModelConfig(model_type='opt', vocab_size=vocab_size, hidden_size=16,
+                           num_layers=1, num_heads=2, intermediate_size=32,
+                           max_position_embeddings=max_position_embeddings, activation='relu',
+                           pad_token_id=1)
+  model = models.build(cfg)
+  return model, models.init_variables(model, jax.random.PRNGKey(seed))
