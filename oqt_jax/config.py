@@ -14,7 +14,7 @@ import ml_collections
 from oqt_jax.data import validate_data_config
 from oqt_jax.errors import ConfigError
 from oqt_jax.models.config import ModelConfig, from_config
-from oqt_jax.quant import resolved, validate_quant_config
+from oqt_jax.quant import resolved
 from oqt_jax.train.config import COMPUTE_DTYPES, validate_train_config
 
 
@@ -106,17 +106,14 @@ def check_types(config) -> None:
 
 def validate(config) -> ml_collections.ConfigDict:
   """Validate every section; raises ConfigError('section.field=value: why') on the first problem."""
-  check_types(config)
-  model_config(config)
-  for validate_section in (validate_data_config, validate_train_config, validate_quant_config):
-    validate_section(config)
+  resolve(config)
   return config
 
 
 def resolve(config) -> ml_collections.ConfigDict:
-  """The door of train.py: every section validated once (as `validate`), returned as a copy
-  whose `quant` is the read-only resolved QuantConfig the layers below take without checking
-  it again."""
+  """The door of train.py: every section validated once (ConfigError('section.field=value:
+  why') on the first problem), returned as a copy whose `quant` is the read-only resolved
+  QuantConfig the layers below take without checking it again."""
   check_types(config)
   model_config(config)
   validate_data_config(config)
