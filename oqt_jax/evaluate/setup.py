@@ -215,11 +215,8 @@ def run_tokenizer(config, workdir):
   run recorded in workdir/config.json (e.g. its init_from's), rather than training one."""
   if config.data.get('tokenizer', '') or not workdir:
     return config
-  try:
-    with open(os.path.join(workdir, 'config.json')) as fh:
-      tok = json.load(fh).get('data', {}).get('tokenizer', '')
-  except (OSError, json.JSONDecodeError, AttributeError):
-    return config
+  recorded = (_read_json(os.path.join(workdir, 'config.json')) or {}).get('data')
+  tok = recorded.get('tokenizer', '') if isinstance(recorded, dict) else ''
   if tok:
     config = config.copy_and_resolve_references()
     with config.unlocked():
